@@ -1,0 +1,194 @@
+"""Command line: parse, call the library, print. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a suite value by dotted key, typed as YAML (repeatable): --set base.train.epochs=1 --set seeds=1",
+)
+uri_option = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                          help="MLflow tracking URI [env MLFLOW_TRACKING_URI; default sqlite:///mlflow.db]")
+data_dir_option = click.option("--data-dir", envvar="CNNBENCH_DATA_DIR", default=None, type=click.Path(file_okay=False),
+                               help="Where datasets live (torchvision layout) [env CNNBENCH_DATA_DIR; default ./data]")
+reports_option = click.option("--reports-dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+                              help="Where reports are written")
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(suite_path: str, overrides: tuple[str, ...], check_names: bool = True):
+    """Load and validate a suite, or print every problem and exit 2."""
+    from cnnbench.config import SuiteError, load_suite
+
+    registries = None
+    if check_names:
+        from cnnbench.registry import all_registries
+
+        registries = all_registries()
+    try:
+        return load_suite(suite_path, overrides, registries=registries)
+    except SuiteError as e:
+        click.echo(f"error: invalid suite ({len(e.problems)} problem{'s' * (len(e.problems) != 1)}):", err=True)
+        for p in e.problems:
+            click.echo(f"  {p}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _tracker(uri: str | None):
+    from cnnbench.tracking import Tracker, TrackingUnavailable, resolve_uri
+
+    try:
+        return Tracker(resolve_uri(uri))
+    except TrackingUnavailable as e:
+        _fail(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cnnbench")
+def main() -> None:
+    """cnnbench: does a CNN training trick help, by how much, and at what cost?
+
+    Run a YAML suite (a baseline and variants that each change one thing, over several seeds),
+    record every run in MLflow, and write a markdown comparison report.
+    """
+
+
+@main.command()
+@click.argument("suite", type=click.Path())
+@set_option
+@uri_option
+@data_dir_option
+@reports_option
+@click.option("--rerun", is_flag=True, help="Run again (variant, seed) pairs that already finished with the same config.")
+@click.option("--device", default=None, help="Force a device for every run (cpu, cuda, cuda:N, mps); an absent one is an error.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+@click.option("--no-report", is_flag=True, help="Do not write the report.")
+def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report):
+    """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md."""
+    spec = _load(suite, overrides)
+    from cnnbench import devices
+    from cnnbench.data import DataNotFoundError
+    from cnnbench.runner import Interrupted, preload_data, run_suite
+
+    if device is not None:
+        import re
+
+        from cnnbench.config import DEVICE_PATTERN
+
+        if not re.match(DEVICE_PATTERN, device) or device == "auto":
+            _fail(f"--device '{device}' is not a device; use cpu, cuda, cuda:N or mps")
+        try:
+            devices.resolve(device)
+        except devices.DeviceUnavailable as e:
+            _fail(f"--device {device}: {e}")
+    try:
+        preload_data(spec, data_dir)
+    except DataNotFoundError as e:
+        _fail(str(e))
+    tracker = _tracker(tracking_uri)
+
+    def on_sigterm(signum, frame):
+        raise Interrupted(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    from cnnbench.progress import RichEvents
+
+    events = RichEvents(quiet=quiet)
+    try:
+        with events:
+            outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events)
+    except Interrupted as e:
+        click.echo(f"interrupted: runs in flight were recorded as KILLED in MLflow ({tracker.uri}); "
+                   f"run the same command again to continue.", err=True)
+        sys.exit(e.exit_code)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items())) or "nothing to run"
+    click.echo(f"{spec.name}: {counts}; {outcome.reused} reused from earlier runs; "
+               f"{outcome.wall_s:.1f} s ({outcome.mlflow_s:.2f} s in MLflow); tracking {tracker.uri}")
+    if not no_report:
+        from cnnbench.report import build_report
+
+        path = build_report(spec, tracker, reports_dir)
+        click.echo(f"report: {path}")
+    sys.exit(outcome.exit_code)
+
+
+@main.command()
+@click.argument("suite", type=click.Path())
+@set_option
+def validate(suite, overrides):
+    """Check SUITE without running it and print the plan (runs, epochs, rough time)."""
+    spec = _load(suite, overrides)
+    from cnnbench.plan_summary import describe_plan
+
+    click.echo(describe_plan(spec))
+
+
+@main.command()
+@click.argument("suite", type=click.Path())
+@set_option
+@uri_option
+@reports_option
+def report(suite, overrides, tracking_uri, reports_dir):
+    """Re-render reports/<name>.md for SUITE from MLflow alone (no training)."""
+    spec = _load(suite, overrides, check_names=False)
+    tracker = _tracker(tracking_uri)
+    if tracker.experiment_id(spec.name, create=False) is None:
+        _fail(f"no MLflow experiment '{spec.name}' at {tracker.uri}; run the suite first (cnnbench run {suite})")
+    from cnnbench.report import build_report
+
+    click.echo(f"report: {build_report(spec, tracker, reports_dir)}")
+
+
+@main.command(name="list")
+@click.argument("kind", required=False)
+def list_(kind):
+    """List what is registered (datasets, models, optimizers, …), per kind."""
+    from cnnbench.registry import all_registries, did_you_mean
+
+    regs = all_registries()
+    if kind is not None:
+        key = kind.rstrip("s") if kind.rstrip("s") in regs else kind
+        if key not in regs:
+            _fail(f"unknown kind '{kind}';{did_you_mean(kind, list(regs))} kinds: {', '.join(regs)}")
+        regs = {key: regs[key]}
+    for name, reg in regs.items():
+        click.echo(f"{name}s:")
+        for entry in reg.names():
+            click.echo(f"  {entry:<22} {reg.info(entry)['doc']}")
+
+
+@main.command()
+@uri_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(tracking_uri, host, port):
+    """Start the MLflow UI over the same store `run` writes to."""
+    import os
+    import shutil
+
+    from cnnbench.tracking import resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    click.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    os.execv(exe, [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+
+
+@main.command()
+def schema():
+    """Print the suite's JSON schema (for editors and linters)."""
+    import json
+
+    from cnnbench.config import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))

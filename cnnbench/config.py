@@ -1,0 +1,545 @@
+"""The suite schema: YAML loading with file:line in errors, ``--set`` overrides, deep-merge, plan.
+
+Data flows one way: ``load_suite(path, overrides)`` → :class:`Suite` → :func:`plan` → ``[RunSpec]``.
+Nothing here imports torch: registry names are checked only when the caller passes
+``registries`` (``run``/``validate`` do, ``report`` does not need to).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from cnnbench.registry import did_you_mean
+
+# Bump when the meaning of a config changes (training semantics), so old runs are not reused.
+FINGERPRINT_VERSION = 1
+
+DEVICE_PATTERN = r"^(auto|cpu|mps|xla|cuda(:\d+)?)$"
+
+
+# ───────────────────────────── schema ─────────────────────────────
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_registered(value: str, info: ValidationInfo, kind: str) -> str:
+    """Check ``value`` against the registry named ``kind`` when the caller supplied registries."""
+    registries = (info.context or {}).get("registries") or {}
+    reg = registries.get(kind)
+    if reg is not None and value not in reg:
+        raise ValueError(reg.unknown_message(value))
+    return value
+
+
+class SyntheticConfig(Strict):
+    """Shape of the ``synthetic`` dataset (random class-dependent patterns, for timing)."""
+
+    channels: PositiveInt = 1
+    image_size: PositiveInt = 28
+    num_classes: int = Field(10, ge=2)
+    train_size: PositiveInt = 4096
+    test_size: PositiveInt = 1024
+
+
+AugmentSpec = str | dict[str, dict[str, Any]]
+
+
+class DataConfig(Strict):
+    dataset: str = "digits"
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 1000
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    augment: list[AugmentSpec] = Field(default_factory=list)
+    limit_train: PositiveInt | None = Field(None, description="use only the first N training samples")
+    image_size: PositiveInt | None = Field(None, description="resize images to N×N (digits default: 28)")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str, info: ValidationInfo) -> str:
+        return _check_registered(v, info, "dataset")
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: list, info: ValidationInfo) -> list:
+        for spec in v:
+            if isinstance(spec, dict) and len(spec) != 1:
+                raise ValueError(f"an augmentation is a name or {{name: {{kwargs}}}}, got {spec!r}")
+            name = spec if isinstance(spec, str) else next(iter(spec))
+            _check_registered(name, info, "augmentation")
+        return v
+
+
+class ModelConfig(Strict):
+    name: str = "lenet5"
+    norm: str = "none"
+    activation: str = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str, info: ValidationInfo) -> str:
+        return _check_registered(v, info, "model")
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, v: str, info: ValidationInfo) -> str:
+        return _check_registered(v, info, "norm")
+
+    @field_validator("activation")
+    @classmethod
+    def _activation(cls, v: str, info: ValidationInfo) -> str:
+        return _check_registered(v, info, "activation")
+
+
+class OptimizerConfig(Strict):
+    name: str = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the optimizer")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str, info: ValidationInfo) -> str:
+        return _check_registered(v, info, "optimizer")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0 (set optimizer.momentum, e.g. 0.9)")
+        return self
+
+
+class ScheduleConfig(Strict):
+    name: str = "constant"
+    step_size: PositiveInt = Field(1, description="step: decay every N epochs")
+    gamma: PositiveFloat = Field(0.1, description="step: multiplicative decay")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: final learning rate")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str, info: ValidationInfo) -> str:
+        return _check_registered(v, info, "schedule")
+
+
+class TrainConfig(Strict):
+    epochs: PositiveInt = 5
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="validation accuracy for time-to-target")
+    threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's own")
+
+
+class Experiment(Strict):
+    """One complete experiment: what the baseline is, and what every variant resolves to."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+
+    def fingerprint(self, seed: int) -> str:
+        """Identity of a (config, seed) run: a finished run with the same fingerprint is reused."""
+        blob = json.dumps(
+            {"v": FINGERPRINT_VERSION, "seed": seed, "config": self.model_dump(mode="json")}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+LOWER_IS_BETTER = re.compile(r"(loss|time|_s$|latency|memory|bytes|params|epochs_to)")
+
+
+class ReportConfig(Strict):
+    primary: str = "test_accuracy"
+    metrics: list[str] = Field(
+        default_factory=lambda: [
+            "test_accuracy",
+            "f1_macro",
+            "test_loss",
+            "train_time_s",
+            "train_throughput",
+            "time_to_target_s",
+            "peak_memory_bytes",
+            "params",
+        ]
+    )
+    higher_is_better: bool | None = Field(None, description="for the primary metric; default guessed from its name")
+
+    def primary_higher_is_better(self) -> bool:
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        return not LOWER_IS_BETTER.search(self.primary)
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    question: str
+    description: str = ""
+    base: Experiment
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    baseline: str
+    seeds: PositiveInt | list[NonNegativeInt] = 3
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    # filled by load_suite: each variant's validated experiment, and where the suite came from
+    experiments: dict[str, Experiment] = Field(default_factory=dict, exclude=True)
+    source: str = Field("", exclude=True)
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v: dict) -> dict:
+        for name in v:
+            if not re.match(r"^[A-Za-z0-9_.-]+$", str(name)):
+                raise ValueError(f"variant name '{name}' may only use letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"seeds must be a count or a non-empty list of distinct seeds, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _baseline_is_a_variant(self) -> Suite:
+        if self.baseline not in self.variants:
+            raise ValueError(
+                f"baseline '{self.baseline}' is not a variant;{did_you_mean(self.baseline, list(self.variants))}"
+                f" variants: {', '.join(self.variants)}"
+            )
+        return self
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+# ───────────────────────────── errors ─────────────────────────────
+
+
+@dataclass
+class Problem:
+    where: str  # "suites/x.yaml:12" or "--set a.b=c"
+    path: str  # dotted path into the suite
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.path or '<suite>'}: {self.message}"
+
+
+class SuiteError(Exception):
+    """Invalid suite input; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# ───────────────────────────── YAML with line numbers ─────────────────────────────
+
+
+def _walk_nodes(node: yaml.Node, path: tuple, lines: dict, problems: list, source: str) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(
+                    Problem(f"{source}:{line}", ".".join(map(str, path + (key,))), f"duplicate key (first at line {seen[key]})")
+                )
+            seen[key] = line
+            _walk_nodes(value_node, path + (key,), lines, problems, source)
+            lines[path + (key,)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk_nodes(item, path + (i,), lines, problems, source)
+
+
+def read_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML; return the data and a map from key path to 1-based line number."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SuiteError([Problem(source, "", "no such file (give the path of a suite YAML, e.g. suites/quickstart.yaml)")]) from None
+    except OSError as e:
+        raise SuiteError([Problem(source, "", f"cannot read: {e.strerror}")]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise SuiteError([Problem(where, "", f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+    lines: dict[tuple, int] = {}
+    problems: list[Problem] = []
+    if node is not None:
+        _walk_nodes(node, (), lines, problems, source)
+    if problems:
+        raise SuiteError(problems)
+    return data, lines
+
+
+# ───────────────────────────── overrides & merge ─────────────────────────────
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of ``base`` with ``override`` merged in: dicts merge recursively, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (['a','b','c'], typed value); the value is parsed as YAML (1 → int, [1,2] → list)."""
+    if "=" not in text:
+        raise SuiteError([Problem(f"--set {text}", "", "expected KEY=VALUE with a dotted key, e.g. --set base.train.epochs=1")])
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise SuiteError([Problem(f"--set {text}", key, "empty part in the dotted key")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise SuiteError([Problem(f"--set {text}", key, f"value is not valid YAML: {e}")]) from None
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, dict[tuple, str]]:
+    """Apply ``--set`` overrides; return the new data and which path each override set."""
+    data = copy.deepcopy(data)
+    origins: dict[tuple, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+        origins[tuple(keys)] = f"--set {text}"
+    return data, origins
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict → dotted keys (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+# ───────────────────────────── loading ─────────────────────────────
+
+
+class _Locator:
+    """Turns a pydantic error location into 'file:line' and a dotted path."""
+
+    def __init__(self, source: str, data: Any, lines: dict[tuple, int], origins: dict[tuple, str]):
+        self.source, self.data, self.lines, self.origins = source, data, lines, origins
+
+    def real_path(self, loc: tuple) -> tuple:
+        """Keep the parts of ``loc`` that index into the data (drop pydantic's union tags)."""
+        node, path = self.data, ()
+        for part in loc:
+            if isinstance(node, dict) and part in node:
+                node, path = node[part], path + (part,)
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node, path = node[part], path + (part,)
+        return path
+
+    def where(self, path: tuple) -> str:
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.origins:
+                return self.origins[path[:n]]
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]}"
+        return self.source
+
+
+def _describe(err: dict, model: type[BaseModel] | None) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        allowed = sorted(model.model_fields) if model else []
+        allowed = [a for a in allowed if a not in ("experiments", "source")]
+        return f"unknown key '{key}';{did_you_mean(key, allowed)} allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"missing required key '{err['loc'][-1]}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return msg
+    return f"{msg} (got {err.get('input')!r})"
+
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of ``loc`` (for listing allowed keys)."""
+    model = root
+    for part in loc[:-1]:
+        fld = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(fld, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return model if fld is None else None
+    return model
+
+
+def _problems(exc: ValidationError, root: type[BaseModel], locator: _Locator, prefix: tuple = ()) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = locator.real_path(prefix + loc)
+        if err["type"] == "extra_forbidden":
+            path = path  # the unknown key itself exists in the data
+        out.append(
+            Problem(locator.where(path), ".".join(map(str, path)), _describe(err, _model_at(root, loc)))
+        )
+    return out
+
+
+def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), registries: dict | None = None) -> Suite:
+    """Read, override, validate. Raises :class:`SuiteError` listing every problem found."""
+    source = str(path)
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise SuiteError([Problem(f"{source}:1", "", "a suite is a YAML mapping with name, question, base, variants, baseline")])
+    data, origins = apply_overrides(data, list(overrides))
+    locator = _Locator(source, data, lines, origins)
+    context = {"registries": registries or {}}
+
+    try:
+        suite = Suite.model_validate(data, context=context)
+    except ValidationError as e:
+        problems = _problems(e, Suite, locator)
+        # still check the variants we can, so one pass reports everything
+        if isinstance(data.get("base"), dict) and isinstance(data.get("variants"), dict):
+            problems += _variant_problems(data, locator, context, skip_base_errors=True)
+        raise SuiteError(problems) from None
+
+    problems = _variant_problems(data, locator, context)
+    if problems:
+        raise SuiteError(problems)
+    for name, override in suite.variants.items():
+        suite.experiments[name] = Experiment.model_validate(deep_merge(data["base"], override or {}), context=context)
+    suite.source = source
+    return suite
+
+
+def _variant_problems(data: dict, locator: _Locator, context: dict, skip_base_errors: bool = False) -> list[Problem]:
+    problems: list[Problem] = []
+    base = data["base"]
+    for name, override in data["variants"].items():
+        if override is None:
+            override = {}
+        if not isinstance(override, dict):
+            problems.append(Problem(locator.where(("variants", name)), f"variants.{name}", "a variant is a mapping of overrides of base (use {} for none)"))
+            continue
+        try:
+            Experiment.model_validate(deep_merge(base, override), context=context)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = tuple(err["loc"])
+                in_variant = locator.real_path(("variants", name) + loc)
+                if len(in_variant) > 2 and _startswith_data(override, loc):
+                    path = in_variant
+                elif skip_base_errors:
+                    continue  # already reported against base
+                else:
+                    path = locator.real_path(("base",) + loc)
+                problems.append(Problem(locator.where(path), ".".join(map(str, path)), _describe(err, _model_at(Experiment, loc))))
+    # de-duplicate base errors reported once per variant
+    unique, seen = [], set()
+    for p in problems:
+        key = (p.where, p.path, p.message)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _startswith_data(override: dict, loc: tuple) -> bool:
+    """Does the erroneous location come from the variant's own override?"""
+    node = override
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+# ───────────────────────────── plan ─────────────────────────────
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (variant, seed) training run of a suite."""
+
+    suite: str
+    variant: str
+    seed: int
+    experiment: Experiment = field(compare=False)
+    is_baseline: bool = False
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.variant}/seed{self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.experiment.fingerprint(self.seed)
+
+
+def plan(suite: Suite) -> list[RunSpec]:
+    """Seed-major order: every variant of seed 0, then seed 1, … (paired results arrive early)."""
+    return [
+        RunSpec(suite.name, name, seed, suite.experiments[name], name == suite.baseline)
+        for seed in suite.seed_list()
+        for name in suite.variants
+    ]
+
+
+def json_schema() -> dict:
+    return Suite.model_json_schema()
+
+
+ALLOWED_STATUS = Literal["finished", "diverged", "failed", "skipped", "killed"]

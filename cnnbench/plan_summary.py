@@ -1,0 +1,50 @@
+"""What ``cnnbench validate`` prints: the plan of a valid suite and a rough CPU time estimate."""
+
+from __future__ import annotations
+
+from cnnbench.config import Experiment, Suite, plan
+
+
+def train_images(exp: Experiment) -> int:
+    """Training images per epoch, from registry metadata (no data is loaded)."""
+    from cnnbench.data import DATASETS
+
+    total = DATASETS.info(exp.data.dataset)["train_size"] or exp.data.synthetic.train_size
+    n = round(total * (1 - exp.data.val_fraction))
+    return min(n, exp.data.limit_train) if exp.data.limit_train else n
+
+
+def rough_seconds(exp: Experiment) -> float:
+    """Training time on 2 CPU cores from each model's measured img/s at 28×28 (rough: ±2×)."""
+    from cnnbench.models import MODELS
+
+    rate = MODELS.info(exp.model.name).get("cpu_img_per_s", 1000)
+    size = exp.data.image_size or (exp.data.synthetic.image_size if exp.data.dataset == "synthetic" else 28)
+    size = 32 if exp.data.dataset.startswith("cifar") and not exp.data.image_size else size
+    rate *= (28 / size) ** 2
+    return train_images(exp) * exp.train.epochs / rate
+
+
+def describe_plan(suite: Suite) -> str:
+    specs = plan(suite)
+    seeds = suite.seed_list()
+    lines = [
+        f"suite '{suite.name}' is valid: {suite.question}",
+        f"{len(suite.variants)} variants × {len(seeds)} seeds ({', '.join(map(str, seeds))}) = {len(specs)} runs;"
+        f" baseline '{suite.baseline}'; primary metric {suite.report.primary}",
+        "",
+        f"{'variant':<20} {'dataset':<14} {'model':<10} {'optimizer':<16} {'epochs':>6} {'images/epoch':>12} {'≈ time/run':>10}",
+    ]
+    total_epochs, total_s = 0, 0.0
+    for name, exp in suite.experiments.items():
+        secs = rough_seconds(exp)
+        total_epochs += exp.train.epochs * len(seeds)
+        total_s += secs * len(seeds)
+        opt = f"{exp.optimizer.name} {exp.optimizer.lr:g}"
+        lines.append(
+            f"{name:<20} {exp.data.dataset:<14} {exp.model.name:<10} {opt:<16} {exp.train.epochs:>6}"
+            f" {train_images(exp):>12,} {secs:>9.1f}s"
+        )
+    lines += ["", f"total: {total_epochs} epochs, roughly {total_s:.0f} s of training on 2 CPU cores"
+                  " (plus data loading and MLflow; a GPU is much faster)"]
+    return "\n".join(lines)

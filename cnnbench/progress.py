@@ -1,0 +1,64 @@
+"""Rich progress for ``cnnbench run``: suite → variant/seed → epoch, with live loss and accuracy."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cnnbench.config import RunSpec, Suite
+from cnnbench.runner import Events
+
+STATUS_STYLE = {"finished": "green", "diverged": "yellow", "failed": "red", "skipped": "magenta"}
+
+
+class RichEvents(Events):
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, disable=quiet,
+        )
+        self.suite_task = self.run_task = None
+        self.epochs = 1
+        self.epochs_done = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def suite_start(self, suite: Suite, specs: list[RunSpec], reused: int) -> None:
+        todo = len(specs) - reused
+        if reused and not self.quiet:
+            self.console.print(f"{reused} of {len(specs)} runs already finished with the same config: reused (--rerun to redo)")
+        self.suite_task = self.progress.add_task(f"[bold]{suite.name}", total=todo)
+
+    def run_start(self, spec: RunSpec, index: int, total: int) -> None:
+        self.epochs = spec.experiment.train.epochs
+        self.epochs_done = 0
+        if self.run_task is not None:
+            self.progress.remove_task(self.run_task)
+        self.run_task = self.progress.add_task(f"  {spec.run_name}", total=self.epochs)
+
+    def batch(self, done: int, total: int) -> None:
+        if self.run_task is not None:
+            self.progress.update(self.run_task, completed=self.epochs_done + done / total)
+
+    def epoch(self, spec: RunSpec, record: dict) -> None:
+        self.epochs_done = record["epoch"]
+        self.progress.update(
+            self.run_task,
+            completed=record["epoch"],
+            description=f"  {spec.run_name}  loss {record['train_loss']:.4f}  val acc {100 * record['val_accuracy']:.2f}%",
+        )
+
+    def run_end(self, spec: RunSpec, status: str, metrics: dict, message: str) -> None:
+        self.progress.advance(self.suite_task)
+        if self.quiet:
+            return
+        style = STATUS_STYLE.get(status, "white")
+        detail = f"test acc {100 * metrics['test_accuracy']:.2f}%  {metrics['train_throughput']:,.0f} img/s" if "test_accuracy" in metrics else message
+        self.console.print(f"  [{style}]{status:<8}[/] {spec.run_name:<28} {detail}")

@@ -1,0 +1,78 @@
+"""One small generic registry: ``@REG.register`` keyed by function name, ``REG.create``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+
+class UnknownNameError(KeyError):
+    """An unknown registry key; the message says what is available."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """`` did you mean 'x'?`` or an empty string."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" did you mean '{close[0]}'?" if close else ""
+
+
+class Registry:
+    """Maps names to factories. ``kind`` is used in messages ("unknown model 'x'")."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+
+    def register(self, fn: Callable | None = None, *, name: str | None = None, **info: Any):
+        """Register ``fn`` under its ``__name__`` (or ``name``); extra ``info`` is kept for listings."""
+
+        def deco(f: Callable) -> Callable:
+            key = name or f.__name__
+            if key in self._entries:
+                raise ValueError(f"{self.kind} '{key}' is registered twice")
+            self._entries[key] = f
+            self._info[key] = {"doc": (f.__doc__ or "").strip().split("\n")[0], **info}
+            return f
+
+        return deco(fn) if fn is not None else deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def info(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self._info[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def unknown_message(self, name: str) -> str:
+        return f"unknown {self.kind} '{name}';{did_you_mean(name, self.names())} available: {', '.join(self.names())}"
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self.unknown_message(name)) from None
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        """Call the factory; ``None`` values are dropped so factory defaults apply."""
+        return self.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def all_registries() -> dict[str, Registry]:
+    """Every registry by kind (imports the modules that fill them, and so torch)."""
+    from cnnbench.augment import AUGMENTATIONS
+    from cnnbench.data import DATASETS
+    from cnnbench.models import ACTIVATIONS, MODELS, NORMS
+    from cnnbench.optim import OPTIMIZERS, SCHEDULES
+
+    return {
+        r.kind: r
+        for r in (DATASETS, AUGMENTATIONS, MODELS, NORMS, ACTIVATIONS, OPTIMIZERS, SCHEDULES)
+    }

@@ -1,0 +1,182 @@
+"""Execute a plan: for each (variant, seed) train, and record the result in MLflow.
+
+Failure is a result: a diverged run is recorded as ``diverged``, a missing device as ``skipped``
+with the reason, an exception as ``failed`` with its traceback — and the suite goes on.
+Ctrl-C / SIGTERM end the run in flight as KILLED (its metrics flushed first) and propagate.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import yaml
+
+from cnnbench import __version__
+from cnnbench.config import RunSpec, Suite, flatten, plan
+from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (exit 130) or SIGTERM (exit 143): in-flight runs were ended as KILLED."""
+
+    def __init__(self, exit_code: int = 130):
+        super().__init__(f"interrupted (exit {exit_code})")
+        self.exit_code = exit_code
+
+
+class Events:
+    """Progress hooks; the CLI subclasses this with a rich display. All no-ops here."""
+
+    def suite_start(self, suite: Suite, specs: list[RunSpec], reused: int) -> None: ...
+    def run_start(self, spec: RunSpec, index: int, total: int) -> None: ...
+    def batch(self, done: int, total: int) -> None: ...
+    def epoch(self, spec: RunSpec, record: dict) -> None: ...
+    def run_end(self, spec: RunSpec, status: str, metrics: dict, message: str) -> None: ...
+
+
+@dataclass
+class SuiteOutcome:
+    parent_run_id: str
+    counts: Counter = field(default_factory=Counter)  # status → number of runs (this invocation)
+    reused: int = 0
+    wall_s: float = 0.0
+    mlflow_s: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.counts.get("failed") else 0
+
+
+def preload_data(suite: Suite, data_dir: str | None) -> None:
+    """Load every dataset the suite needs before anything is written (raises DataNotFoundError)."""
+    from cnnbench import data
+
+    for exp in suite.experiments.values():
+        data.load(exp.data, data_dir)
+
+
+def run_suite(
+    suite: Suite,
+    tracker: Tracker,
+    *,
+    data_dir: str | None = None,
+    rerun: bool = False,
+    device: str | None = None,
+    events: Events | None = None,
+) -> SuiteOutcome:
+    from cnnbench import devices
+    from cnnbench.environment import capsule
+
+    events = events or Events()
+    t_start = time.perf_counter()
+    mlflow_before = tracker.seconds
+    specs = plan(suite)
+    exp_id = tracker.experiment_id(suite.name)
+    done = {} if rerun else tracker.done_runs(exp_id, suite.name)
+    env = capsule()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    parent = tracker.start_run(
+        exp_id,
+        f"{suite.name} @ {stamp}",
+        {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE, "cnnbench.version": __version__,
+         "cnnbench.command": env["command"], "cnnbench.source": suite.source, "cnnbench.git_commit": env["git_commit"]},
+    )
+    tracker.log(parent, params={f"env.{k}": v for k, v in env.items()} | {"seeds": suite.seed_list()})
+    tracker.log_artifacts(parent, {"suite.yaml": yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False),
+                                   "environment.json": env})
+    outcome = SuiteOutcome(parent)
+    todo = [s for s in specs if s.fingerprint not in done]
+    outcome.reused = len(specs) - len(todo)
+    events.suite_start(suite, specs, outcome.reused)
+
+    try:
+        for i, spec in enumerate(todo):
+            events.run_start(spec, i, len(todo))
+            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, devices)
+            outcome.counts[status] += 1
+            events.run_end(spec, status, metrics, message)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        tracker.log(parent, tags={"cnnbench.status": "killed"})
+        tracker.end_run(parent, "KILLED")
+        raise Interrupted(code) from None
+
+    outcome.wall_s = time.perf_counter() - t_start
+    outcome.mlflow_s = tracker.seconds - mlflow_before
+    tracker.log(
+        parent,
+        metrics={f"runs_{k}": v for k, v in outcome.counts.items()}
+        | {"runs_reused": outcome.reused, "suite_wall_s": outcome.wall_s, "mlflow_overhead_s": outcome.mlflow_s},
+        tags={"cnnbench.status": "failed" if outcome.exit_code else "finished"},
+    )
+    tracker.end_run(parent, "FINISHED")
+    return outcome
+
+
+def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
+             events: Events, devices) -> tuple[str, dict, str]:
+    """Train one (variant, seed) and record it; returns (status, final metrics, message)."""
+    from cnnbench import data as datamod
+    from cnnbench.train import train
+
+    exp = spec.experiment
+    tags = {
+        "cnnbench.suite": spec.suite,
+        "cnnbench.role": ROLE_RUN,
+        "cnnbench.variant": spec.variant,
+        "cnnbench.seed": str(spec.seed),
+        "cnnbench.baseline": str(spec.is_baseline).lower(),
+        "cnnbench.fingerprint": spec.fingerprint,
+        "cnnbench.status": "running",
+    }
+    config_yaml = yaml.safe_dump({"seed": spec.seed, **exp.model_dump(mode="json")}, sort_keys=False)
+    try:
+        device = devices.resolve(device_override or exp.device)
+    except devices.DeviceUnavailable as e:
+        run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": exp.device}, parent)
+        tracker.log(run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed},
+                    tags={"cnnbench.status": "skipped", "cnnbench.reason": str(e)})
+        tracker.end_run(run_id, "FINISHED")
+        return "skipped", {}, str(e)
+
+    run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": device.type}, parent)
+    buffered = BufferedRun(tracker, run_id)
+    tracker.log(run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed})
+    run_env = env | devices.describe(device)
+
+    def on_epoch(record: dict) -> None:
+        buffered.log_epoch(record)
+        events.epoch(spec, record)
+
+    try:
+        split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
+        result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=events.batch)
+    except (KeyboardInterrupt, Interrupted):
+        buffered.flush()
+        tracker.log(run_id, tags={"cnnbench.status": "killed"})
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except Exception as e:  # noqa: BLE001 - any error in a run is recorded, and the suite goes on
+        buffered.flush()
+        message = f"{type(e).__name__}: {e}"
+        tracker.log(run_id, tags={"cnnbench.status": "failed", "cnnbench.reason": message[:5000]})
+        tracker.log_artifacts(run_id, {"traceback.txt": traceback.format_exc(), "config.yaml": config_yaml,
+                                       "environment.json": run_env})
+        tracker.end_run(run_id, "FAILED")
+        return "failed", {}, message
+
+    buffered.flush()
+    tags = {"cnnbench.status": result.status}
+    if result.message:
+        tags["cnnbench.reason"] = result.message
+    tracker.log(run_id, metrics=result.metrics, tags=tags, step=len(result.history))
+    artifacts = {"config.yaml": config_yaml, "environment.json": run_env}
+    if result.confusion is not None:
+        artifacts["confusion_matrix.json"] = result.confusion
+    tracker.log_artifacts(run_id, artifacts)
+    tracker.end_run(run_id, "FINISHED")
+    return result.status, result.metrics, result.message

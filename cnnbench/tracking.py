@@ -1,0 +1,211 @@
+"""The only module that talks to MLflow.
+
+Writes: one parent run per ``cnnbench run`` and one nested child per (variant, seed); metrics are
+buffered and sent with ``log_batch`` (1,000 single ``log_metric`` calls on SQLite cost ~3 s here),
+flushed every ``FLUSH_EVERY_S`` seconds so long runs show up live, and always before a run ends —
+also when it is interrupted. Reads: the suite's runs as a pandas DataFrame and metric histories,
+for resume and for reports. Every call is timed so a suite can report its tracking overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+FLUSH_EVERY_S = 10.0
+ROLE_SUITE, ROLE_RUN = "suite", "run"
+DONE_STATUSES = ("finished", "diverged")  # results worth keeping; failed/skipped/killed are redone
+
+
+def resolve_uri(cli_uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default ``sqlite:///mlflow.db``."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or opened."""
+
+
+class Tracker:
+    """A thin, timed wrapper around ``MlflowClient`` for one tracking URI."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.seconds = 0.0  # time spent inside MLflow calls
+        t0 = time.perf_counter()
+        from mlflow import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # after the import: mlflow configures its loggers on import
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.client.search_experiments(max_results=1)  # opens/creates the store; fails fast if unreachable
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
+            raise TrackingUnavailable(f"cannot open the MLflow tracking store at {uri}: {type(e).__name__}: {e}") from None
+        self.seconds += time.perf_counter() - t0
+
+    def _timed(self, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    # ── experiments and runs ────────────────────────────────────────────────
+
+    def experiment_id(self, name: str, create: bool = True) -> str | None:
+        """Get or create the experiment (safe when several processes create it at once)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self._timed(self.client.get_experiment_by_name, name)
+        if exp is not None:
+            return exp.experiment_id
+        if not create:
+            return None
+        try:
+            return self._timed(self.client.create_experiment, name)
+        except MlflowException:
+            exp = self._timed(self.client.get_experiment_by_name, name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self._timed(self.client.create_run, experiment_id, tags=tags, run_name=name)
+        return run.info.run_id
+
+    def log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
+            tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """One batch of metrics (at ``step``), params and tags."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        p = [Param(k, _param_str(v)) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.log_entities(run_id, m, p, t)
+
+    def log_entities(self, run_id: str, metrics: list, params: list = (), tags: list = ()) -> None:
+        """``log_batch`` in as few calls as MLflow's caps allow (≤ 100 params+tags, ≤ 1,000 entities a call)."""
+        keyed = [("param", x) for x in params] + [("tag", x) for x in tags]
+        calls = max(math.ceil(len(metrics) / 900), math.ceil(len(keyed) / 100), 1)
+        for i in range(calls):
+            part = keyed[i * 100 : (i + 1) * 100]
+            self._timed(
+                self.client.log_batch,
+                run_id,
+                metrics=metrics[i * 900 : (i + 1) * 900],
+                params=[x for kind, x in part if kind == "param"],
+                tags=[x for kind, x in part if kind == "tag"],
+            )
+
+    def log_artifacts(self, run_id: str, files: dict[str, str | bytes | dict | list]) -> None:
+        """Write ``{relative name: content}`` to a temp dir and upload it in one call (JSON for dicts/lists)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, (dict, list)):
+                    path.write_text(json.dumps(content, indent=2, sort_keys=True))
+                elif isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(content)
+            self._timed(self.client.log_artifacts, run_id, tmp)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """``status``: FINISHED, FAILED or KILLED."""
+        self._timed(self.client.set_terminated, run_id, status)
+
+    # ── queries ─────────────────────────────────────────────────────────────
+
+    def search(self, experiment_id: str, filter_string: str = "") -> list:
+        runs, token = [], None
+        while True:
+            page = self._timed(self.client.search_runs, [experiment_id], filter_string, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def done_runs(self, experiment_id: str, suite: str) -> dict[str, str]:
+        """fingerprint → run id of child runs that finished (or diverged) and ended cleanly in MLflow."""
+        runs = self.search(
+            experiment_id,
+            f"tags.`cnnbench.suite` = '{suite}' and tags.`cnnbench.role` = '{ROLE_RUN}' and attributes.status = 'FINISHED'",
+        )
+        out = {}
+        for r in sorted(runs, key=lambda r: r.info.start_time):
+            if r.data.tags.get("cnnbench.status") in DONE_STATUSES:
+                out[r.data.tags["cnnbench.fingerprint"]] = r.info.run_id
+        return out
+
+    def runs_frame(self, suite: str) -> pd.DataFrame:
+        """Every run of the suite: one row each with ``run_id``, ``status``, ``start_time``, ``role``,
+        ``tags.*``, ``params.*`` and final ``metrics.*`` columns. Empty if there is no such experiment."""
+        exp_id = self.experiment_id(suite, create=False)
+        if exp_id is None:
+            return pd.DataFrame()
+        rows = []
+        for r in self.search(exp_id, f"tags.`cnnbench.suite` = '{suite}'"):
+            row = {"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time,
+                   "end_time": r.info.end_time, "run_name": r.info.run_name}
+            row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+            row.update({f"params.{k}": v for k, v in r.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def history(self, run_ids: Iterable[str], keys: Iterable[str]) -> pd.DataFrame:
+        """Long table of per-step metric values: run_id, key, step, value."""
+        rows = []
+        for run_id in run_ids:
+            for key in keys:
+                for m in self._timed(self.client.get_metric_history, run_id, key):
+                    rows.append({"run_id": run_id, "key": key, "step": m.step, "value": m.value})
+        return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+    def download_json(self, run_id: str, name: str) -> Any:
+        path = self._timed(self.client.download_artifacts, run_id, name, tempfile.mkdtemp())
+        return json.loads(Path(path).read_text())
+
+
+class BufferedRun:
+    """Per-epoch metrics of one child run, sent in batches (see module docstring)."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+        self.pending: list = []
+        self.last_flush = time.perf_counter()
+
+    def log_epoch(self, record: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        step, now = int(record["epoch"]), int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in record.items() if k != "epoch"]
+        if time.perf_counter() - self.last_flush >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.tracker.log_entities(self.run_id, self.pending)
+            self.pending = []
+        self.last_flush = time.perf_counter()
+
+
+def _param_str(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
