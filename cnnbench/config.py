@@ -226,14 +226,13 @@ class Suite(Strict):
             raise ValueError(f"seeds must be a count or a non-empty list of distinct seeds, got {v}")
         return v
 
-    @model_validator(mode="after")
-    def _baseline_is_a_variant(self) -> Suite:
-        if self.baseline not in self.variants:
-            raise ValueError(
-                f"baseline '{self.baseline}' is not a variant;{did_you_mean(self.baseline, list(self.variants))}"
-                f" variants: {', '.join(self.variants)}"
-            )
-        return self
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_is_a_variant(cls, v: str, info: ValidationInfo) -> str:
+        variants = info.data.get("variants")  # absent when variants itself is invalid
+        if variants is not None and v not in variants:
+            raise ValueError(f"baseline '{v}' is not a variant;{did_you_mean(v, list(variants))} variants: {', '.join(variants)}")
+        return v
 
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
@@ -261,6 +260,17 @@ class SuiteError(Exception):
 
 
 # ───────────────────────────── YAML with line numbers ─────────────────────────────
+
+
+class Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2; PyYAML's 1.1 rules need ``1.0e-3``)."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _walk_nodes(node: yaml.Node, path: tuple, lines: dict, problems: list, source: str) -> None:
@@ -293,8 +303,8 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     except OSError as e:
         raise SuiteError([Problem(source, "", f"cannot read: {e.strerror}")]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=Loader)
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -331,7 +341,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(keys):
         raise SuiteError([Problem(f"--set {text}", key, "empty part in the dotted key")])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=Loader) if raw.strip() else ""  # noqa: S506 - SafeLoader
     except yaml.YAMLError as e:
         raise SuiteError([Problem(f"--set {text}", key, f"value is not valid YAML: {e}")]) from None
     return keys, value

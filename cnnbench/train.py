@@ -63,6 +63,13 @@ def evaluate(model, x_all, y_all, idx, scale, shift, batch_size, device, want_pr
     return loss, acc, (torch.cat(preds).cpu() if want_preds and preds else None)
 
 
+def initial_model(exp: Experiment, seed: int, data) -> torch.nn.Module:
+    """The model at step 0: seed s gives the same weights to every variant with the same architecture."""
+    c, h, _ = data.shape
+    torch.manual_seed(seed)
+    return build(exp.model, in_channels=c, num_classes=data.num_classes, image_size=h)
+
+
 def train(
     exp: Experiment,
     seed: int,
@@ -77,8 +84,7 @@ def train(
         torch.set_num_threads(exp.train.threads)
     data = split.data
     c, h, w = data.shape
-    torch.manual_seed(seed)
-    model = build(exp.model, in_channels=c, num_classes=data.num_classes, image_size=h).to(device)
+    model = initial_model(exp, seed, data).to(device)
     optimizer = build_optimizer(exp.optimizer, model.parameters())
     scheduler = build_scheduler(exp.schedule, optimizer, exp.train.epochs)
     augment = BatchAugment(exp.data.augment, image_size=h)

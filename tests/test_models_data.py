@@ -1,0 +1,192 @@
+import hashlib
+
+import pytest
+import torch
+
+from cnnbench import data as datamod
+from cnnbench.augment import BatchAugment
+from cnnbench.config import DataConfig, Experiment
+from cnnbench.data import DATASETS, DataNotFoundError
+from cnnbench.models import ACTIVATIONS, MODELS, NORMS, build, count_params
+from cnnbench.train import train
+
+# Datasets that need no files: every registered model must train on each.
+OFFLINE = {
+    "digits": DataConfig(dataset="digits"),
+    "synthetic_rgb32": DataConfig(dataset="synthetic", synthetic={"channels": 3, "image_size": 32, "num_classes": 100,
+                                                                  "train_size": 256, "test_size": 64}),
+}
+
+
+def test_lenet5_has_the_classic_parameter_count():
+    model = MODELS.create("lenet5", in_channels=1, num_classes=10, image_size=28)
+    assert count_params(model) == 61_706
+
+
+@pytest.mark.parametrize("dataset", sorted(OFFLINE))
+@pytest.mark.parametrize("model_name", MODELS.names())
+def test_every_model_trains_a_step_on_each_dataset(model_name, dataset):
+    ds = datamod.load(OFFLINE[dataset])
+    c, h, _ = ds.shape
+    torch.manual_seed(0)
+    model = MODELS.create(model_name, in_channels=c, num_classes=ds.num_classes, image_size=h)
+    x, y = ds.train_x[:32].float() / 255, ds.train_y[:32]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(x)
+    assert out.shape == (32, ds.num_classes)
+    torch.nn.functional.cross_entropy(out, y).backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("norm", NORMS.names())
+@pytest.mark.parametrize("activation", ACTIVATIONS.names())
+def test_every_norm_and_activation_builds_into_every_model(norm, activation):
+    for name in MODELS.names():
+        exp = Experiment(model={"name": name, "norm": norm, "activation": activation, "dropout": 0.1})
+        model = build(exp.model, in_channels=1, num_classes=10, image_size=28)
+        has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert has_bn == (norm == "batch")
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_real_mnist_loads_from_the_data_dir(mnist_dir):
+    ds = datamod.load(DataConfig(dataset="mnist"), str(mnist_dir))
+    assert ds.train_x.shape == (60_000, 1, 28, 28) and ds.train_x.dtype == torch.uint8
+    assert ds.test_x.shape == (10_000, 1, 28, 28)
+    assert torch.bincount(ds.train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    mean, std = ds.mean_std
+    assert mean.item() == pytest.approx(0.1307, abs=1e-4) and std.item() == pytest.approx(0.3081, abs=1e-4)
+
+
+def test_missing_dataset_names_the_directory_and_files(tmp_path):
+    with pytest.raises(DataNotFoundError) as e:
+        DATASETS.create("fashion_mnist", root=str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg and "CNNBENCH_DATA_DIR" in msg
+
+
+def test_validation_split_is_carved_from_train_and_fixed():
+    ds = datamod.load(DataConfig(dataset="digits"))
+    a, b = datamod.split(ds, 0.1), datamod.split(ds, 0.1)
+    assert torch.equal(a.val_idx, b.val_idx)
+    assert len(set(a.train_idx.tolist()) & set(a.val_idx.tolist())) == 0
+    assert len(a.train_idx) + len(a.val_idx) == len(ds.train_y)
+    assert len(datamod.split(ds, 0.1, limit_train=100).train_idx) == 100
+
+
+def test_augmentations_are_per_sample_and_reproducible_from_the_seed():
+    x = torch.rand(16, 1, 28, 28)
+    aug = BatchAugment(["random_crop", "rotation"], image_size=28)
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    c = aug(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    same = x[0:1].expand(16, -1, -1, -1).contiguous()  # one image, 16 different draws
+    outs = aug(same, torch.Generator().manual_seed(0))
+    assert len({hashlib.sha1(o.numpy().tobytes()).hexdigest() for o in outs}) > 8
+
+
+def test_flip_and_crop_are_exact_pixel_operations():
+    x = torch.rand(4, 1, 8, 8)
+    flipped = BatchAugment([{"horizontal_flip": {"p": 1.0}}], image_size=8)(x, torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, x.flip(-1))
+    same = BatchAugment([{"random_crop": {"padding": 0}}], image_size=8)(x, torch.Generator().manual_seed(0))
+    assert torch.equal(same, x)
+    shifted = BatchAugment([{"random_crop": {"padding": 2}}], image_size=8)(x, torch.Generator().manual_seed(0))
+    for img, out in zip(x, shifted):  # each output is the input shifted by whole pixels, zero-filled
+        found = any(
+            torch.equal(out, torch.nn.functional.pad(img, (2, 2, 2, 2))[:, 2 + dy : 10 + dy, 2 + dx : 10 + dx])
+            for dy in range(-2, 3) for dx in range(-2, 3)
+        )
+        assert found
+
+
+def _experiment(**over):
+    base = {
+        "data": {"dataset": "synthetic", "batch_size": 64, "synthetic": {"train_size": 512, "test_size": 128, "image_size": 16}},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "train": {"epochs": 2},
+        "device": "cpu",
+    }
+    from cnnbench.config import deep_merge
+
+    return Experiment.model_validate(deep_merge(base, over))
+
+
+def _split(exp):
+    return datamod.split(datamod.load(exp.data), exp.data.val_fraction)
+
+
+def test_same_seed_same_initial_weights_and_data_order_across_variants(monkeypatch):
+    """Seed s pairs runs: changing the optimizer or adding augmentation changes neither."""
+    import cnnbench.train as tr
+
+    variants = {"sgd": _experiment(), "adam": _experiment(optimizer={"name": "adam", "lr": 0.001}),
+                "aug": _experiment(data={"augment": ["rotation"]})}
+    splits = {tag: _split(exp) for tag, exp in variants.items()}
+    real_randperm, orders = torch.randperm, {}
+    for tag, exp in variants.items():
+        calls = orders.setdefault(tag, [])
+
+        def recording_randperm(n, *args, _calls=calls, **kwargs):
+            out = real_randperm(n, *args, **kwargs)
+            _calls.append(out.clone())
+            return out
+
+        monkeypatch.setattr(tr.torch, "randperm", recording_randperm)
+        tr.train(exp, 7, splits[tag], torch.device("cpu"))
+    monkeypatch.setattr(tr.torch, "randperm", real_randperm)
+    assert len(orders["sgd"]) == 2  # one permutation per epoch
+    for tag in ("adam", "aug"):
+        assert all(torch.equal(a, b) for a, b in zip(orders["sgd"], orders[tag], strict=True))
+    data = _split(variants["sgd"]).data
+    w = {tag: list(tr.initial_model(exp, 7, data).parameters()) for tag, exp in variants.items()}
+    assert all(torch.equal(a, b) for a, b in zip(w["sgd"], w["adam"], strict=True))
+    assert not torch.equal(w["sgd"][0], list(tr.initial_model(variants["sgd"], 8, data).parameters())[0])
+
+
+def test_training_learns_and_reports_all_metrics():
+    exp = _experiment(train={"epochs": 4, "target_accuracy": 0.5}, optimizer={"name": "adam", "lr": 0.003})
+    records = []
+    result = train(exp, 0, _split(exp), torch.device("cpu"), on_epoch=records.append)
+    assert result.status == "finished"
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert {"train_loss", "val_loss", "val_accuracy", "lr", "train_time_cum_s"} <= set(records[0])
+    m = result.metrics
+    for key in ("test_accuracy", "test_loss", "precision_macro", "recall_macro", "f1_macro", "train_time_s",
+                "train_throughput", "params", "peak_memory_bytes", "time_to_target_s", "epochs_to_target"):
+        assert key in m, key
+    assert m["test_accuracy"] > 0.5  # synthetic classes are separable
+    assert m["time_to_target_s"] <= m["train_time_s"]
+    assert sum(map(sum, result.confusion)) == 128
+
+
+def test_nan_loss_is_a_diverged_result_not_a_crash():
+    exp = _experiment(optimizer={"name": "sgd", "lr": 1e6, "momentum": 0.0})
+    result = train(exp, 0, _split(exp), torch.device("cpu"))
+    assert result.status == "diverged"
+    assert result.metrics["diverged_epoch"] == 1 and "diverged at epoch 1" in result.message
+    assert "test_accuracy" not in result.metrics
+
+
+def test_same_seed_gives_identical_results_on_cpu():
+    exp = _experiment(data={"augment": ["random_crop"]})
+    a = train(exp, 3, _split(exp), torch.device("cpu"))
+    b = train(exp, 3, _split(exp), torch.device("cpu"))
+    assert a.history[-1]["val_loss"] == b.history[-1]["val_loss"]
+    assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_lenet5_reaches_mnist_accuracy_in_one_epoch(mnist_dir):
+    """Real MNIST, where accuracy matters: one epoch of LeNet-5 (54k images) is above 96%."""
+    exp = Experiment.model_validate({
+        "data": {"dataset": "mnist", "batch_size": 64},
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+        "train": {"epochs": 1}, "device": "cpu",
+    })
+    split = datamod.split(datamod.load(exp.data, str(mnist_dir)), exp.data.val_fraction, exp.data.limit_train)
+    result = train(exp, 0, split, torch.device("cpu"))
+    assert result.metrics["test_accuracy"] > 0.96, result.metrics
