@@ -106,7 +106,8 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
     events = RichEvents(quiet=quiet)
     try:
         with events:
-            outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events)
+            outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
+                                command=_reproduce_command(suite, overrides, device))
     except Interrupted as e:
         click.echo(f"interrupted: runs in flight were recorded as KILLED in MLflow ({tracker.uri}); "
                    f"run the same command again to continue.", err=True)
@@ -120,6 +121,18 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
         path = build_report(spec, tracker, reports_dir)
         click.echo(f"report: {path}")
     sys.exit(outcome.exit_code)
+
+
+def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | None) -> str:
+    """The command that reproduces these runs (store, data and report locations are left out)."""
+    import shlex
+
+    args = ["cnnbench", "run", suite]
+    for o in overrides:
+        args += ["--set", o]
+    if device:
+        args += ["--device", device]
+    return shlex.join(args)
 
 
 @main.command()

@@ -39,7 +39,7 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
-def capsule(device=None) -> dict[str, str]:
+def capsule(device=None, command: str | None = None) -> dict[str, str]:
     """cnnbench/torch/… versions, platform, CPU, threads, git commit, command, and the device."""
     import torch
 
@@ -59,7 +59,7 @@ def capsule(device=None) -> dict[str, str]:
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "hostname": platform.node(),
-        "command": command_line(),
+        "command": command or command_line(),
         "cwd": os.getcwd(),
     }
     if device is not None:

@@ -67,7 +67,9 @@ def run_suite(
     rerun: bool = False,
     device: str | None = None,
     events: Events | None = None,
+    command: str | None = None,
 ) -> SuiteOutcome:
+    """Run every planned (variant, seed) not already done; ``command`` is recorded as the way to reproduce."""
     from cnnbench import devices
     from cnnbench.environment import capsule
 
@@ -77,7 +79,7 @@ def run_suite(
     specs = plan(suite)
     exp_id = tracker.experiment_id(suite.name)
     done = {} if rerun else tracker.done_runs(exp_id, suite.name)
-    env = capsule()
+    env = capsule(command=command)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     parent = tracker.start_run(
         exp_id,

@@ -32,6 +32,15 @@ def resolve_uri(cli_uri: str | None = None) -> str:
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite path made absolute: MLflow caches stores per URI string, so a relative one would
+    keep pointing at the first directory it was opened from."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or opened."""
 
@@ -40,7 +49,7 @@ class Tracker:
     """A thin, timed wrapper around ``MlflowClient`` for one tracking URI."""
 
     def __init__(self, uri: str):
-        self.uri = uri
+        self.uri = uri  # as the user gave it (shown in reports)
         self.seconds = 0.0  # time spent inside MLflow calls
         t0 = time.perf_counter()
         from mlflow import MlflowClient
@@ -48,7 +57,7 @@ class Tracker:
         for name in ("mlflow", "alembic"):  # after the import: mlflow configures its loggers on import
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=absolute_uri(uri))
         try:
             self.client.search_experiments(max_results=1)  # opens/creates the store; fails fast if unreachable
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
