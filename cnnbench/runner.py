@@ -158,24 +158,21 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
         result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=events.batch)
     except (KeyboardInterrupt, Interrupted):
-        buffered.flush()
-        tracker.log(run_id, tags={"cnnbench.status": "killed"})
+        buffered.flush(tags={"cnnbench.status": "killed"})
         tracker.end_run(run_id, "KILLED")
         raise
     except Exception as e:  # noqa: BLE001 - any error in a run is recorded, and the suite goes on
-        buffered.flush()
         message = f"{type(e).__name__}: {e}"
-        tracker.log(run_id, tags={"cnnbench.status": "failed", "cnnbench.reason": message[:5000]})
+        buffered.flush(tags={"cnnbench.status": "failed", "cnnbench.reason": message[:5000]})
         tracker.log_artifacts(run_id, {"traceback.txt": traceback.format_exc(), "config.yaml": config_yaml,
                                        "environment.json": run_env})
         tracker.end_run(run_id, "FAILED")
         return "failed", {}, message
 
-    buffered.flush()
     tags = {"cnnbench.status": result.status}
     if result.message:
         tags["cnnbench.reason"] = result.message
-    tracker.log(run_id, metrics=result.metrics, tags=tags, step=len(result.history))
+    buffered.flush(metrics=result.metrics, tags=tags, step=len(result.history))
     artifacts = {"config.yaml": config_yaml, "environment.json": run_env}
     if result.confusion is not None:
         artifacts["confusion_matrix.json"] = result.confusion

@@ -209,10 +209,16 @@ class BufferedRun:
         if time.perf_counter() - self.last_flush >= FLUSH_EVERY_S:
             self.flush()
 
-    def flush(self) -> None:
-        if self.pending:
-            self.tracker.log_entities(self.run_id, self.pending)
-            self.pending = []
+    def flush(self, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """Send the pending epoch metrics, plus any final ``metrics``/``tags``, in one batch."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        entities = self.pending + [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if entities or run_tags:
+            self.tracker.log_entities(self.run_id, entities, tags=run_tags)
+        self.pending = []
         self.last_flush = time.perf_counter()
 
 
