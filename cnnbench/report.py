@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnnbench.config import LOWER_IS_BETTER, Suite, plan
+from cnnbench.config import Suite, plan
 from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SUITE, Tracker
 
 META_PREFIX = "<!-- cnnbench-report "
-STATUS_ORDER = ["finished", "diverged", "failed", "skipped", "killed", "missing"]
 
 
 # ───────────────────────────── formatting ─────────────────────────────
@@ -324,10 +323,10 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         "",
         "## Results",
         "",
-        f"Mean ± standard deviation over finished seeds. Δ is the mean of the paired differences "
-        f"(same seed: same data order and, for the same architecture, the same initial weights) "
-        f"± their standard deviation. Diverged, failed and skipped runs are counted in the seeds column and left out "
-        f"of the means.",
+        "Mean ± standard deviation over finished seeds. Δ is the mean of the paired differences "
+        "(same seed: same data order and, for the same architecture, the same initial weights) "
+        "± their standard deviation. Diverged, failed and skipped runs are counted in the seeds column and left out "
+        "of the means.",
         "",
         to_markdown(table),
         "",
@@ -401,5 +400,3 @@ def write_index(reports_dir: str | Path) -> Path:
     index.write_text(text)
     return index
 
-
-__all__ = ["build_report", "write_index", "select_runs", "summary_table", "LOWER_IS_BETTER"]

@@ -146,8 +146,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         return "skipped", {}, str(e)
 
     run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": device.type}, parent)
-    buffered = BufferedRun(tracker, run_id)
-    tracker.log(run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed})
+    buffered = BufferedRun(tracker, run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed})
     run_env = env | devices.describe(device)
 
     def on_epoch(record: dict) -> None:

@@ -194,11 +194,15 @@ class Tracker:
 
 
 class BufferedRun:
-    """Per-epoch metrics of one child run, sent in batches (see module docstring)."""
+    """Params and per-epoch metrics of one child run, sent in batches (see module docstring): a short
+    run costs one ``log_batch`` in all, a long one shows up live every ``FLUSH_EVERY_S``."""
 
-    def __init__(self, tracker: Tracker, run_id: str):
+    def __init__(self, tracker: Tracker, run_id: str, params: dict[str, Any] | None = None):
+        from mlflow.entities import Param
+
         self.tracker, self.run_id = tracker, run_id
         self.pending: list = []
+        self.pending_params = [Param(k, _param_str(v)) for k, v in (params or {}).items()]
         self.last_flush = time.perf_counter()
 
     def log_epoch(self, record: dict[str, float]) -> None:
@@ -216,9 +220,9 @@ class BufferedRun:
         now = int(time.time() * 1000)
         entities = self.pending + [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
         run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        if entities or run_tags:
-            self.tracker.log_entities(self.run_id, entities, tags=run_tags)
-        self.pending = []
+        if entities or run_tags or self.pending_params:
+            self.tracker.log_entities(self.run_id, entities, params=self.pending_params, tags=run_tags)
+        self.pending, self.pending_params = [], []
         self.last_flush = time.perf_counter()
 
 

@@ -223,3 +223,32 @@ def test_interrupt_ends_runs_as_killed_and_next_run_picks_up(workdir, sig, code)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 finished" in done.stdout
+
+
+@pytest.mark.slow
+def test_ui_serves_the_same_store(cli, workdir):
+    """`cnnbench ui` starts a real MLflow server on the store `run` wrote, and it lists the suite's runs."""
+    import socket
+    import urllib.request
+
+    assert cli("run", write_suite(workdir / "tiny.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 1")), "-q").exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "ui", "--port", str(port)], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")
+                body = json.loads(urllib.request.urlopen(req, timeout=2).read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "the MLflow UI did not answer within 90 s"
+        assert body["experiment"]["name"] == "tiny"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
