@@ -75,6 +75,14 @@ def main() -> None:
 @click.option("--no-report", is_flag=True, help="Do not write the report.")
 def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report):
     """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md."""
+    try:
+        _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report)
+    except KeyboardInterrupt:  # before any run was started, or while writing the report
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report):
     spec = _load(suite, overrides)
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
@@ -100,7 +108,7 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
     def on_sigterm(signum, frame):
         raise Interrupted(143)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     from cnnbench.progress import RichEvents
 
     events = RichEvents(quiet=quiet)
@@ -112,6 +120,8 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
         click.echo(f"interrupted: runs in flight were recorded as KILLED in MLflow ({tracker.uri}); "
                    f"run the same command again to continue.", err=True)
         sys.exit(e.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items())) or "nothing to run"
     click.echo(f"{spec.name}: {counts}; {outcome.reused} reused from earlier runs; "
                f"{outcome.wall_s:.1f} s ({outcome.mlflow_s:.2f} s in MLflow); tracking {tracker.uri}")

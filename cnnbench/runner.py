@@ -70,7 +70,6 @@ def run_suite(
     command: str | None = None,
 ) -> SuiteOutcome:
     """Run every planned (variant, seed) not already done; ``command`` is recorded as the way to reproduce."""
-    from cnnbench import devices
     from cnnbench.environment import capsule
 
     events = events or Events()
@@ -98,7 +97,7 @@ def run_suite(
     try:
         for i, spec in enumerate(todo):
             events.run_start(spec, i, len(todo))
-            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, devices)
+            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events)
             outcome.counts[status] += 1
             events.run_end(spec, status, metrics, message)
     except (KeyboardInterrupt, Interrupted) as exc:
@@ -120,9 +119,10 @@ def run_suite(
 
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
-             events: Events, devices) -> tuple[str, dict, str]:
+             events: Events) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message)."""
     from cnnbench import data as datamod
+    from cnnbench import devices
     from cnnbench.train import train
 
     exp = spec.experiment
