@@ -97,6 +97,7 @@ class ModelConfig(Strict):
     norm: str = "none"
     activation: str = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    num_groups: PositiveInt = Field(4, description="norm: group — groups per GroupNorm (reduced to a divisor of the channels)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
 
     @field_validator("name")
@@ -122,6 +123,7 @@ class OptimizerConfig(Strict):
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    decay_norm_and_bias: bool = Field(False, description="also apply weight_decay to biases and norm parameters")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the optimizer")
 
     @field_validator("name")
@@ -139,8 +141,12 @@ class OptimizerConfig(Strict):
 class ScheduleConfig(Strict):
     name: str = "constant"
     step_size: PositiveInt = Field(1, description="step: decay every N epochs")
-    gamma: PositiveFloat = Field(0.1, description="step: multiplicative decay")
-    min_lr: float = Field(0.0, ge=0.0, description="cosine: final learning rate")
+    milestones: list[PositiveInt] = Field(default_factory=list, description="multistep: epochs at which to decay")
+    gamma: PositiveFloat = Field(0.1, description="step/multistep/exponential/plateau: multiplicative decay")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine/warmup_cosine/plateau: lowest learning rate")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="warmup_cosine: epochs of linear warm-up")
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0, description="onecycle: share of the run spent rising")
+    patience: NonNegativeInt = Field(2, description="plateau: epochs without improvement tolerated before decaying")
 
     @field_validator("name")
     @classmethod
@@ -152,6 +158,10 @@ class TrainConfig(Strict):
     epochs: PositiveInt = 5
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="validation accuracy for time-to-target")
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's own")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing (training loss only)")
+    grad_clip_norm: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
+    early_stopping_patience: PositiveInt | None = Field(
+        None, description="stop when validation loss has not improved for N epochs (the final model is tested)")
 
 
 class Experiment(Strict):

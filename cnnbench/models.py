@@ -6,6 +6,8 @@ dataset; the flattened feature size is computed from the input shape, not hard-c
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,16 +21,37 @@ ACTIVATIONS = Registry("activation")
 # ───────────────────────────── knobs ─────────────────────────────
 
 
+# Every norm sits after a convolution and before its activation; each takes (channels, num_groups).
+
+
 @NORMS.register
-def none(channels: int) -> nn.Module:
+def none(channels: int, num_groups: int = 1) -> nn.Module:
     """No normalization."""
     return nn.Identity()
 
 
 @NORMS.register
-def batch(channels: int) -> nn.Module:
-    """BatchNorm2d after each convolution (before the activation)."""
+def batch(channels: int, num_groups: int = 1) -> nn.Module:
+    """BatchNorm2d: statistics over the batch (depends on batch size; running stats at eval)."""
     return nn.BatchNorm2d(channels)
+
+
+@NORMS.register
+def group(channels: int, num_groups: int = 4) -> nn.Module:
+    """GroupNorm with ``num_groups`` (reduced to gcd(num_groups, channels): 4 groups on 6 channels → 2)."""
+    return nn.GroupNorm(math.gcd(num_groups, channels), channels)
+
+
+@NORMS.register
+def layer(channels: int, num_groups: int = 1) -> nn.Module:
+    """LayerNorm over (C, H, W) of each sample: GroupNorm with one group."""
+    return nn.GroupNorm(1, channels)
+
+
+@NORMS.register
+def instance(channels: int, num_groups: int = 1) -> nn.Module:
+    """InstanceNorm2d with a learned affine: statistics per sample and channel."""
+    return nn.InstanceNorm2d(channels, affine=True)
 
 
 @ACTIVATIONS.register
@@ -38,17 +61,42 @@ def relu() -> nn.Module:
 
 
 @ACTIVATIONS.register
+def leaky_relu() -> nn.Module:
+    """LeakyReLU, negative slope 0.01."""
+    return nn.LeakyReLU(0.01, inplace=True)
+
+
+@ACTIVATIONS.register
+def elu() -> nn.Module:
+    """ELU (alpha 1)."""
+    return nn.ELU(inplace=True)
+
+
+@ACTIVATIONS.register
 def gelu() -> nn.Module:
     """GELU (exact erf form)."""
     return nn.GELU()
 
 
-def conv_block(cin: int, cout: int, kernel: int, padding: int, norm: str, activation: str) -> list[nn.Module]:
+@ACTIVATIONS.register
+def silu() -> nn.Module:
+    """SiLU, a.k.a. swish: x·sigmoid(x)."""
+    return nn.SiLU(inplace=True)
+
+
+@ACTIVATIONS.register
+def mish() -> nn.Module:
+    """Mish: x·tanh(softplus(x))."""
+    return nn.Mish(inplace=True)
+
+
+def conv_block(cin: int, cout: int, kernel: int, padding: int, norm: str, activation: str,
+               num_groups: int = 4) -> list[nn.Module]:
     """conv → norm → activation; the conv has no bias when a norm follows it."""
     has_norm = norm != "none"
     return [
         nn.Conv2d(cin, cout, kernel, padding=padding, bias=not has_norm),
-        NORMS.create(norm, channels=cout),
+        NORMS.create(norm, channels=cout, num_groups=num_groups),
         ACTIVATIONS.create(activation),
     ]
 
@@ -69,12 +117,13 @@ def lenet5(
     norm: str = "none",
     activation: str = "relu",
     dropout: float = 0.0,
+    num_groups: int = 4,
 ) -> nn.Module:
     """LeNet-5: conv 6@5×5 pad 2, pool, conv 16@5×5, pool, fc 120, fc 84, fc classes (61,706 params on 28×28)."""
     features = nn.Sequential(
-        *conv_block(in_channels, 6, 5, 2, norm, activation),
+        *conv_block(in_channels, 6, 5, 2, norm, activation, num_groups),
         nn.MaxPool2d(2),
-        *conv_block(6, 16, 5, 0, norm, activation),
+        *conv_block(6, 16, 5, 0, norm, activation, num_groups),
         nn.MaxPool2d(2),
         nn.Flatten(),
     )
@@ -99,6 +148,7 @@ def mnist_net(
     norm: str = "none",
     activation: str = "relu",
     dropout: float = 0.25,
+    num_groups: int = 4,
 ) -> nn.Module:
     """The PyTorch-examples MNIST net: conv 32@3×3, conv 64@3×3, max-pool, dropout, fc 128, dropout, fc classes.
 
@@ -106,8 +156,8 @@ def mnist_net(
     sets the first and the second is twice it (capped at 0.9), so the default reproduces them.
     """
     features = nn.Sequential(
-        *conv_block(in_channels, 32, 3, 0, norm, activation),
-        *conv_block(32, 64, 3, 0, norm, activation),
+        *conv_block(in_channels, 32, 3, 0, norm, activation, num_groups),
+        *conv_block(32, 64, 3, 0, norm, activation, num_groups),
         nn.MaxPool2d(2),
         nn.Dropout(dropout),
         nn.Flatten(),
@@ -132,6 +182,7 @@ def build(config, in_channels: int, num_classes: int, image_size: int) -> nn.Mod
         norm=config.norm,
         activation=config.activation,
         dropout=config.dropout,
+        num_groups=config.num_groups,
         **config.kwargs,
     )
 

@@ -23,10 +23,12 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
 class Registry:
     """Maps names to factories. ``kind`` is used in messages ("unknown model 'x'")."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, fallback: Callable[[str], Callable | None] | None = None, fallback_hint: str = ""):
+        """``fallback(name)`` may supply a factory for a name that is not registered (e.g. any torch.optim class)."""
         self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
         self._info: dict[str, dict[str, Any]] = {}
+        self._fallback, self._fallback_hint = fallback, fallback_hint
 
     def register(self, fn: Callable | None = None, *, name: str | None = None, **info: Any):
         """Register ``fn`` under its ``__name__`` (or ``name``); extra ``info`` is kept for listings."""
@@ -45,20 +47,23 @@ class Registry:
         return sorted(self._entries)
 
     def info(self, name: str) -> dict[str, Any]:
-        self.get(name)
-        return self._info[name]
+        fn = self.get(name)
+        return self._info.get(name) or {"doc": (fn.__doc__ or "").strip().split("\n")[0]}
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or (self._fallback is not None and self._fallback(str(name)) is not None)
 
     def unknown_message(self, name: str) -> str:
-        return f"unknown {self.kind} '{name}';{did_you_mean(name, self.names())} available: {', '.join(self.names())}"
+        hint = f" {self._fallback_hint}" if self._fallback_hint else ""
+        return f"unknown {self.kind} '{name}';{did_you_mean(name, self.names())} available: {', '.join(self.names())}{hint}"
 
     def get(self, name: str) -> Callable[..., Any]:
-        try:
+        if name in self._entries:
             return self._entries[name]
-        except KeyError:
-            raise UnknownNameError(self.unknown_message(name)) from None
+        found = self._fallback(name) if self._fallback is not None else None
+        if found is None:
+            raise UnknownNameError(self.unknown_message(name))
+        return found
 
     def create(self, name: str, **kwargs: Any) -> Any:
         """Call the factory; ``None`` values are dropped so factory defaults apply."""

@@ -85,8 +85,7 @@ def train(
     data = split.data
     c, h, w = data.shape
     model = initial_model(exp, seed, data).to(device)
-    optimizer = build_optimizer(exp.optimizer, model.parameters())
-    scheduler = build_scheduler(exp.schedule, optimizer, exp.train.epochs)
+    optimizer = build_optimizer(exp.optimizer, model)
     augment = BatchAugment(exp.data.augment, image_size=h)
     order_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET)
@@ -99,6 +98,9 @@ def train(
     train_idx, val_idx = split.train_idx.to(device), split.val_idx.to(device)
     n_train, bs = len(train_idx), exp.data.batch_size
     batches_per_epoch = math.ceil(n_train / bs)
+    scheduler, interval = build_scheduler(exp.schedule, optimizer, exp.train.epochs, batches_per_epoch)
+    smoothing, clip = exp.train.label_smoothing, exp.train.grad_clip_norm
+    patience, best_val_loss, epochs_since_best = exp.train.early_stopping_patience, math.inf, 0
 
     devices.reset_peak_memory(device)
     result = RunResult(status="finished")
@@ -120,17 +122,22 @@ def train(
                 xb = augment(xb.mul_(inv255), augment_gen).mul_(255.0)
             xb = xb.mul_(scale).sub_(shift)
             yb = train_y[bi]
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
+            if interval == "batch":
+                scheduler.step()
             loss_sum += loss.detach() * (hi - lo)
             if on_batch is not None and b % 20 == 0:
                 on_batch(b, batches_per_epoch)
         devices.synchronize(device)
         train_time += time.perf_counter() - t0
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]  # the last learning rate used in this epoch
+        if interval == "epoch":
+            scheduler.step()
 
         # ── check for divergence ─────────────────────────────────────────────
         train_loss = loss_sum.item() / n_train
@@ -142,6 +149,8 @@ def train(
 
         # ── validate (untimed) ───────────────────────────────────────────────
         val_loss, val_acc, _ = evaluate(model, train_x, train_y, val_idx, scale, shift, exp.data.eval_batch_size, device)
+        if interval == "plateau":
+            scheduler.step(val_loss)
         if target is not None and time_to_target is None and val_acc >= target:
             time_to_target, epochs_to_target = train_time, epoch
         record = {
@@ -155,6 +164,15 @@ def train(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+
+        # ── early stopping on validation loss ────────────────────────────────
+        if val_loss < best_val_loss:
+            best_val_loss, epochs_since_best = val_loss, 0
+        else:
+            epochs_since_best += 1
+        if patience is not None and epochs_since_best >= patience and epoch < exp.train.epochs:
+            result.metrics["stopped_early_epoch"] = epoch
+            break
 
     # ── final measurements ───────────────────────────────────────────────────
     epochs_done = len(result.history) + (result.status == "diverged")
