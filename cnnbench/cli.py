@@ -36,7 +36,10 @@ def _load(suite_path: str, overrides: tuple[str, ...], check_names: bool = True)
 
         registries = all_registries()
     try:
-        return load_suite(suite_path, overrides, registries=registries)
+        suite = load_suite(suite_path, overrides, registries=registries)
+        for warning in suite.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        return suite
     except SuiteError as e:
         click.echo(f"error: invalid suite ({len(e.problems)} problem{'s' * (len(e.problems) != 1)}):", err=True)
         for p in e.problems:

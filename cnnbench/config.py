@@ -220,6 +220,7 @@ class Suite(Strict):
     # filled by load_suite: each variant's validated experiment, and where the suite came from
     experiments: dict[str, Experiment] = Field(default_factory=dict, exclude=True)
     source: str = Field("", exclude=True)
+    warnings: list[str] = Field(default_factory=list, exclude=True)
 
     @field_validator("variants")
     @classmethod
@@ -477,7 +478,24 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     for name, override in suite.variants.items():
         suite.experiments[name] = Experiment.model_validate(deep_merge(data["base"], override or {}), context=context)
     suite.source = source
+    suite.warnings = _warnings(suite, locator)
     return suite
+
+
+FLIP_UNSAFE_DATASETS = ("digits", "mnist")  # a mirrored digit can read as another one (or as none)
+
+
+def _warnings(suite: Suite, locator: _Locator) -> list[str]:
+    """Allowed but probably unintended: said before anything runs."""
+    out = []
+    for name, exp in suite.experiments.items():
+        names = [a if isinstance(a, str) else next(iter(a)) for a in exp.data.augment]
+        if "horizontal_flip" in names and exp.data.dataset in FLIP_UNSAFE_DATASETS:
+            path = ("variants", name, "data", "augment") if "augment" in (suite.variants[name] or {}).get("data", {}) \
+                else ("base", "data", "augment")
+            out.append(f"{locator.where(path)}: {'.'.join(path)}: horizontal_flip on {exp.data.dataset} mirrors digits, "
+                       f"which can change what they mean (variant '{name}'); suites should not ship it")
+    return list(dict.fromkeys(out))
 
 
 def _variant_problems(data: dict, locator: _Locator, context: dict, skip_base_errors: bool = False) -> list[Problem]:

@@ -130,3 +130,11 @@ def test_registry_names_are_not_checked_without_registries(tmp_path):
     """`cnnbench report` validates structure only (no torch import needed)."""
     p = write_suite(tmp_path / "s.yaml", TINY_SUITE.replace("{name: lenet5}", "{name: not_a_model}"))
     assert load_suite(p).experiments["sgd"].model.name == "not_a_model"
+
+
+def test_horizontal_flip_on_digits_is_allowed_with_a_warning(tmp_path):
+    text = TINY_SUITE.replace("  adam: {optimizer: {name: adam, lr: 0.001}}", "  flip: {data: {augment: [horizontal_flip]}}")
+    assert load(write_suite(tmp_path / "a.yaml", text)).warnings == []  # synthetic data: fine
+    suite = load(write_suite(tmp_path / "b.yaml", text.replace("dataset: synthetic", "dataset: digits")))
+    [warning] = suite.warnings
+    assert warning.startswith(f"{tmp_path / 'b.yaml'}:11: variants.flip.data.augment: horizontal_flip on digits")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cnnbench import data as datamod
-from cnnbench.augment import BatchAugment
+from cnnbench.augment import AUGMENTATIONS, BatchAugment
 from cnnbench.config import DataConfig, Experiment
 from cnnbench.data import DATASETS, DataNotFoundError
 from cnnbench.models import ACTIVATIONS, MODELS, NORMS, build, count_params
@@ -190,3 +190,19 @@ def test_lenet5_reaches_mnist_accuracy_in_one_epoch(mnist_dir):
     split = datamod.split(datamod.load(exp.data, str(mnist_dir)), exp.data.val_fraction, exp.data.limit_train)
     result = train(exp, 0, split, torch.device("cpu"))
     assert result.metrics["test_accuracy"] > 0.96, result.metrics
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_every_augmentation_is_deterministic_under_a_seed_and_changes_images(name):
+    ds = datamod.load(OFFLINE["synthetic_rgb32"])
+    x = ds.train_x[:16].float() / 255
+    aug = BatchAugment([name], image_size=32)
+    a, b = aug(x, torch.Generator().manual_seed(5)), aug(x, torch.Generator().manual_seed(5))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    assert 0 <= a.min() and a.max() <= 1
+
+
+def test_policy_and_pixel_augmentations_run_in_the_training_loop():
+    exp = _experiment(train={"epochs": 1}, data={"augment": ["trivial_augment", "random_erasing", "color_jitter"]})
+    assert train(exp, 0, _split(exp), torch.device("cpu")).status == "finished"
