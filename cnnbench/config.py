@@ -73,7 +73,8 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     augment: list[AugmentSpec] = Field(default_factory=list)
     limit_train: PositiveInt | None = Field(None, description="use only the first N training samples")
-    image_size: PositiveInt | None = Field(None, description="resize images to N×N (digits default: 28)")
+    image_size: PositiveInt | None = Field(None, description="resize images to N×N (digits default: 28, imagefolder: 32)")
+    path: str | None = Field(None, description="imagefolder: directory with train/ and test/ class folders")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("dataset")

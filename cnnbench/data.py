@@ -91,9 +91,10 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
 def load(config, data_dir_override: str | None = None) -> TensorDataset:
     """Load the dataset a :class:`~cnnbench.config.DataConfig` names (cached per process)."""
     syn = config.synthetic
+    root = config.path if config.dataset == "imagefolder" else str(data_dir(data_dir_override))
     return _load_cached(
         config.dataset,
-        str(data_dir(data_dir_override)),
+        str(root),
         config.image_size,
         (syn.channels, syn.image_size, syn.num_classes, syn.train_size, syn.test_size),
     )
@@ -181,6 +182,28 @@ def cifar10(root: str = "data", image_size: int | None = None) -> TensorDataset:
 def cifar100(root: str = "data", image_size: int | None = None) -> TensorDataset:
     """CIFAR-100 (50k/10k, 32×32 colour) from <data dir>/cifar-100-python."""
     return _torchvision("CIFAR100", "cifar-100-python", ["train", "test", "meta"], root, image_size)
+
+
+@DATASETS.register(download=False, train_size=None)
+def imagefolder(root: str | None = None, image_size: int | None = 32) -> TensorDataset:
+    """Your own images: ``data.path`` holds train/<class>/… and test/<class>/… (torchvision ImageFolder), loaded as RGB."""
+    import numpy as np
+    from torchvision.datasets import ImageFolder
+
+    if not root or not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
+        raise DataNotFoundError(f"imagefolder needs data.path with train/ and test/ class folders; got {root!r}")
+    size = image_size or 32
+
+    def read(folder: Path, classes: list[str] | None):
+        ds = ImageFolder(str(folder), transform=lambda im: np.asarray(im.convert("RGB").resize((size, size))))
+        if classes is not None and ds.classes != classes:
+            raise DataNotFoundError(f"{folder} has classes {ds.classes}, but train/ has {classes}")
+        xs = [torch.from_numpy(ds[i][0].copy()).permute(2, 0, 1) for i in range(len(ds))]
+        return torch.stack(xs), torch.tensor(ds.targets, dtype=torch.long), ds.classes
+
+    trx, try_, classes = read(Path(root) / "train", None)
+    tex, tey, _ = read(Path(root) / "test", classes)
+    return TensorDataset("imagefolder", trx, try_, tex, tey, len(classes))
 
 
 @DATASETS.register(download=False, train_size=None)

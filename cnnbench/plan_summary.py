@@ -9,7 +9,7 @@ def train_images(exp: Experiment) -> int:
     """Training images per epoch, from registry metadata (no data is loaded)."""
     from cnnbench.data import DATASETS
 
-    total = DATASETS.info(exp.data.dataset)["train_size"] or exp.data.synthetic.train_size
+    total = DATASETS.info(exp.data.dataset)["train_size"] or exp.data.synthetic.train_size  # imagefolder: a guess
     n = round(total * (1 - exp.data.val_fraction))
     return min(n, exp.data.limit_train) if exp.data.limit_train else n
 

@@ -206,3 +206,41 @@ def test_every_augmentation_is_deterministic_under_a_seed_and_changes_images(nam
 def test_policy_and_pixel_augmentations_run_in_the_training_loop():
     exp = _experiment(train={"epochs": 1}, data={"augment": ["trivial_augment", "random_erasing", "color_jitter"]})
     assert train(exp, 0, _split(exp), torch.device("cpu")).status == "finished"
+
+
+def test_imagefolder_end_to_end(tmp_path, monkeypatch):
+    """A user's own directory tree of images: loaded, trained on, and tracked through the CLI."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cnnbench.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    for split_name, n in (("train", 12), ("test", 4)):
+        for label, colour in (("cats", (220, 40, 40)), ("dogs", (40, 40, 220))):
+            folder = tmp_path / "pets" / split_name / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                noise = torch.randint(0, 30, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(noise + torch.tensor(colour, dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+    ds = DATASETS.create("imagefolder", root=str(tmp_path / "pets"), image_size=16)
+    assert ds.train_x.shape == (24, 3, 16, 16) and ds.test_x.shape == (8, 3, 16, 16) and ds.num_classes == 2
+    suite = tmp_path / "pets.yaml"
+    suite.write_text(f"""name: pets
+question: Can LeNet-5 tell red from blue?
+base:
+  data: {{dataset: imagefolder, path: {tmp_path / 'pets'}, image_size: 16, batch_size: 8, val_fraction: 0.25}}
+  optimizer: {{name: adam, lr: 0.01}}
+  train: {{epochs: 3}}
+  device: cpu
+variants: {{baseline: {{}}}}
+baseline: baseline
+seeds: 1
+""")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = CliRunner().invoke(main, ["run", str(suite), "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "1 finished" in result.output and (tmp_path / "reports" / "pets.md").exists()
+    with pytest.raises(DataNotFoundError, match="train/ and test/"):
+        DATASETS.create("imagefolder", root=str(tmp_path / "nowhere"))
