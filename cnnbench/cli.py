@@ -191,6 +191,8 @@ def list_(kind):
         click.echo(f"{name}s:")
         for entry in reg.names():
             click.echo(f"  {entry:<22} {reg.info(entry)['doc']}")
+        if reg.fallback_hint:
+            click.echo(f"  {'…':<22} {reg.fallback_hint.removeprefix('(').removesuffix(')')}")
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import dataclass, field
@@ -94,12 +95,15 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """The model and its knobs; a knob left unset takes the model's own default (see `cnnbench list`)."""
+
     name: str = "lenet5"
-    norm: str = "none"
-    activation: str = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    num_groups: PositiveInt = Field(4, description="norm: group — groups per GroupNorm (reduced to a divisor of the channels)")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
+    norm: str | None = Field(None, description="none | batch | group | layer | instance (default: the model's own)")
+    activation: str | None = Field(None, description="relu | leaky_relu | elu | gelu | silu | mish (default: the model's own)")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout before the linear layers")
+    dropout2d: float | None = Field(None, ge=0.0, lt=1.0, description="channel dropout (Dropout2d) after conv blocks")
+    num_groups: PositiveInt | None = Field(None, description="norm: group — groups per GroupNorm (reduced to a divisor of the channels)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory (width, depth, cbam, …)")
 
     @field_validator("name")
     @classmethod
@@ -108,13 +112,33 @@ class ModelConfig(Strict):
 
     @field_validator("norm")
     @classmethod
-    def _norm(cls, v: str, info: ValidationInfo) -> str:
-        return _check_registered(v, info, "norm")
+    def _norm(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None else _check_registered(v, info, "norm")
 
     @field_validator("activation")
     @classmethod
-    def _activation(cls, v: str, info: ValidationInfo) -> str:
-        return _check_registered(v, info, "activation")
+    def _activation(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None else _check_registered(v, info, "activation")
+
+    @model_validator(mode="after")
+    def _factory_accepts(self, info: ValidationInfo) -> ModelConfig:
+        """Knobs and kwargs must be arguments of the model's factory (checked when registries are given)."""
+        reg = ((info.context or {}).get("registries") or {}).get("model")
+        if reg is None or self.name not in reg:
+            return self
+        params = inspect.signature(reg.get(self.name)).parameters
+        open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        named = [k for k in params if k not in ("in_channels", "num_classes", "image_size")
+                 and params[k].kind is not inspect.Parameter.VAR_KEYWORD]
+        for knob in ("norm", "activation", "dropout", "dropout2d", "num_groups"):
+            if getattr(self, knob) is not None and knob not in params:
+                raise ValueError(f"model '{self.name}' has no '{knob}' knob; it takes: {', '.join(named) or 'only kwargs'}")
+        for key in self.kwargs:
+            if key in ("in_channels", "num_classes", "image_size"):
+                raise ValueError(f"model.kwargs.{key} comes from the dataset; remove it")
+            if key not in params and not open_kwargs:
+                raise ValueError(f"model '{self.name}' has no argument '{key}';{did_you_mean(key, named)} it takes: {', '.join(named)}")
+        return self
 
 
 class OptimizerConfig(Strict):

@@ -13,7 +13,11 @@ from torch import nn
 
 from cnnbench.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry(
+    "model",
+    fallback=lambda name: _torchvision_fallback(name),  # defined at the end of the module
+    fallback_hint="(or torchvision.<name> for any torchvision classification model, e.g. torchvision.resnet18)",
+)
 NORMS = Registry("norm")
 ACTIVATIONS = Registry("activation")
 
@@ -91,14 +95,19 @@ def mish() -> nn.Module:
 
 
 def conv_block(cin: int, cout: int, kernel: int, padding: int, norm: str, activation: str,
-               num_groups: int = 4) -> list[nn.Module]:
+               num_groups: int = 4, stride: int = 1) -> list[nn.Module]:
     """conv → norm → activation; the conv has no bias when a norm follows it."""
     has_norm = norm != "none"
     return [
-        nn.Conv2d(cin, cout, kernel, padding=padding, bias=not has_norm),
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=not has_norm),
         NORMS.create(norm, channels=cout, num_groups=num_groups),
         ACTIVATIONS.create(activation),
     ]
+
+
+def _spatial_dropout(p: float) -> nn.Module:
+    """Dropout2d (zeroes whole channels) where ``p`` > 0, else nothing."""
+    return nn.Dropout2d(p) if p > 0 else nn.Identity()
 
 
 def _flat_features(features: nn.Module, in_channels: int, image_size: int) -> int:
@@ -107,6 +116,8 @@ def _flat_features(features: nn.Module, in_channels: int, image_size: int) -> in
 
 
 # ───────────────────────────── models ─────────────────────────────
+# Knob arguments (norm, activation, dropout, dropout2d, num_groups) default to each model's own
+# choice; a config that leaves a knob unset gets that default.
 
 
 @MODELS.register(cpu_img_per_s=17000)
@@ -117,14 +128,17 @@ def lenet5(
     norm: str = "none",
     activation: str = "relu",
     dropout: float = 0.0,
+    dropout2d: float = 0.0,
     num_groups: int = 4,
 ) -> nn.Module:
     """LeNet-5: conv 6@5×5 pad 2, pool, conv 16@5×5, pool, fc 120, fc 84, fc classes (61,706 params on 28×28)."""
     features = nn.Sequential(
         *conv_block(in_channels, 6, 5, 2, norm, activation, num_groups),
         nn.MaxPool2d(2),
+        _spatial_dropout(dropout2d),
         *conv_block(6, 16, 5, 0, norm, activation, num_groups),
         nn.MaxPool2d(2),
+        _spatial_dropout(dropout2d),
         nn.Flatten(),
     )
     n = _flat_features(features, in_channels, image_size)
@@ -148,15 +162,18 @@ def mnist_net(
     norm: str = "none",
     activation: str = "relu",
     dropout: float = 0.25,
+    dropout2d: float = 0.0,
     num_groups: int = 4,
 ) -> nn.Module:
     """The PyTorch-examples MNIST net: conv 32@3×3, conv 64@3×3, max-pool, dropout, fc 128, dropout, fc classes.
 
     The examples use dropout 0.25 after pooling and 0.5 before the last layer; ``dropout``
     sets the first and the second is twice it (capped at 0.9), so the default reproduces them.
+    ``dropout2d`` adds channel dropout after the first convolution.
     """
     features = nn.Sequential(
         *conv_block(in_channels, 32, 3, 0, norm, activation, num_groups),
+        _spatial_dropout(dropout2d),
         *conv_block(32, 64, 3, 0, norm, activation, num_groups),
         nn.MaxPool2d(2),
         nn.Dropout(dropout),
@@ -172,6 +189,195 @@ def mnist_net(
     )
 
 
+@MODELS.register(cpu_img_per_s=4000)
+def simple_cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    image_size: int = 28,
+    norm: str = "batch",
+    activation: str = "relu",
+    dropout: float = 0.0,
+    dropout2d: float = 0.0,
+    num_groups: int = 4,
+    width: int = 32,
+    depth: int = 3,
+) -> nn.Module:
+    """``depth`` 3×3 conv blocks, the first ``width`` channels wide and doubling each block; global-average head.
+
+    Each block is conv → norm → activation (→ Dropout2d), then a 2×2 max-pool while the map is at
+    least 8 pixels wide (so 28×28 pools twice, to 7×7). The head is global average pooling, dropout
+    and one linear layer, so any image size works.
+    """
+    if width < 1 or depth < 1:
+        raise ValueError(f"simple_cnn needs width ≥ 1 and depth ≥ 1, got width={width}, depth={depth}")
+    layers: list[nn.Module] = []
+    cin, size = in_channels, image_size
+    for i in range(depth):
+        cout = width * 2**i
+        layers += [*conv_block(cin, cout, 3, 1, norm, activation, num_groups), _spatial_dropout(dropout2d)]
+        if size >= 8:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        cin = cout
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+    )
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., 2018): channel attention, then spatial attention.
+
+    Channel: a shared two-layer MLP (hidden = channels / ``reduction``, at least 1) on the average-
+    and max-pooled descriptors, summed, sigmoid. Spatial: a 7×7 conv on the channel-wise mean and
+    max maps, sigmoid.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
+        mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        x = x * torch.sigmoid(avg + mx)
+        maps = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(maps))
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet basic block: two 3×3 convs, a 1×1 projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, activation: str, num_groups: int,
+                 dropout2d: float, cbam: bool, cbam_reduction: int):
+        super().__init__()
+        bias = norm == "none"
+        self.body = nn.Sequential(
+            *conv_block(cin, cout, 3, 1, norm, activation, num_groups, stride=stride),
+            _spatial_dropout(dropout2d),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=bias),
+            NORMS.create(norm, channels=cout, num_groups=num_groups),
+            CBAM(cout, cbam_reduction) if cbam else nn.Identity(),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=bias), NORMS.create(norm, channels=cout, num_groups=num_groups)
+            )
+        self.act = ACTIVATIONS.create(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+@MODELS.register(cpu_img_per_s=700)
+def resnet(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    image_size: int = 28,
+    norm: str = "batch",
+    activation: str = "relu",
+    dropout: float = 0.0,
+    dropout2d: float = 0.0,
+    num_groups: int = 4,
+    depth: int = 20,
+    width: int = 16,
+    cbam: bool = False,
+    cbam_reduction: int = 16,
+) -> nn.Module:
+    """CIFAR-style ResNet (He et al., 2016): ``depth`` = 6n+2 (20, 32, 56, …), stages of width 16/32/64.
+
+    A 3×3 stem, three stages of n basic blocks (stride 2 at the start of stages 2 and 3, 1×1
+    projection shortcuts), global average pooling, dropout, linear. ``cbam: true`` puts a CBAM
+    attention module at the end of every block's residual branch. ResNet-20 has 0.27 M parameters.
+    """
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"resnet depth must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    layers: list[nn.Module] = list(conv_block(in_channels, width, 3, 1, norm, activation, num_groups))
+    cin = width
+    for stage in range(3):
+        cout = width * 2**stage
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layers.append(BasicBlock(cin, cout, stride, norm, activation, num_groups, dropout2d, cbam, cbam_reduction))
+            cin = cout
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+    )
+
+
+# ─────────────────────── torchvision models by name ───────────────────────
+
+TORCHVISION_PREFIX = "torchvision."
+
+
+class _TorchvisionAdapter(nn.Module):
+    """Feeds a torchvision ImageNet-style model: grey images repeated to 3 channels, optional resize."""
+
+    def __init__(self, net: nn.Module, in_channels: int, input_size: int | None):
+        super().__init__()
+        self.net, self.repeat, self.input_size = net, in_channels == 1, input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.repeat:
+            x = x.expand(-1, 3, -1, -1)
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
+def _load_pretrained(net: nn.Module, weights_path: str, name: str) -> None:
+    """Load a local state dict (``weights_only=True``); a classifier of another size is left freshly initialized."""
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    own = net.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"{weights_path}: not a state dict of {name} (unexpected keys {unknown[:3]}…)")
+    mismatched = [k for k, v in state.items() if v.shape != own[k].shape]
+    last_linear = [m for m in net.modules() if isinstance(m, nn.Linear)][-1:]
+    # the classifier is the last Linear: a different num_classes changes only its shapes
+    names = {id(p): k for k, p in net.named_parameters()}
+    classifier = {names[id(p)] for m in last_linear for p in m.parameters()}
+    wrong = [k for k in mismatched if k not in classifier]
+    if wrong:
+        raise ValueError(f"{weights_path}: shapes differ from {name} at {wrong[:3]}")
+    net.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=not mismatched)
+
+
+def _torchvision_factory(arch: str):
+    def factory(in_channels: int = 3, num_classes: int = 10, image_size: int = 224,
+                weights_path: str | None = None, input_size: int | None = None, **kwargs) -> nn.Module:
+        """A torchvision classification model, randomly initialized or loaded from a local state dict.
+
+        Grey inputs are repeated to three channels; ``input_size`` resizes inputs for models that
+        need a minimum size (e.g. 75 for inception_v3). Other ``model.kwargs`` go to the builder.
+        """
+        import torchvision.models
+
+        if in_channels not in (1, 3):
+            raise ValueError(f"torchvision models take 1- or 3-channel images, the dataset has {in_channels}")
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        if weights_path is not None:
+            _load_pretrained(net, weights_path, arch)
+        return _TorchvisionAdapter(net, in_channels, input_size)
+
+    factory.__doc__ = f"torchvision.models.{arch} (random init, or weights_path to a local state dict)"
+    return factory
+
+
+def _torchvision_fallback(name: str):
+    if not name.startswith(TORCHVISION_PREFIX):
+        return None
+    import torchvision.models
+
+    arch = name[len(TORCHVISION_PREFIX):]
+    return _torchvision_factory(arch) if arch in torchvision.models.list_models(module=torchvision.models) else None
+
+
 def build(config, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Build the model a :class:`~cnnbench.config.ModelConfig` describes."""
     return MODELS.create(
@@ -182,6 +388,7 @@ def build(config, in_channels: int, num_classes: int, image_size: int) -> nn.Mod
         norm=config.norm,
         activation=config.activation,
         dropout=config.dropout,
+        dropout2d=config.dropout2d,
         num_groups=config.num_groups,
         **config.kwargs,
     )

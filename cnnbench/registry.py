@@ -43,6 +43,11 @@ class Registry:
 
         return deco(fn) if fn is not None else deco
 
+    @property
+    def fallback_hint(self) -> str:
+        """What else the fallback accepts, in words (empty without a fallback)."""
+        return self._fallback_hint
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -138,3 +138,16 @@ def test_horizontal_flip_on_digits_is_allowed_with_a_warning(tmp_path):
     suite = load(write_suite(tmp_path / "b.yaml", text.replace("dataset: synthetic", "dataset: digits")))
     [warning] = suite.warnings
     assert warning.startswith(f"{tmp_path / 'b.yaml'}:11: variants.flip.data.augment: horizontal_flip on digits")
+
+
+def test_model_knobs_and_kwargs_are_checked_against_the_factory(tmp_path):
+    text = TINY_SUITE.replace("{name: lenet5}", "{name: resnet, kwargs: {dept: 20}}")
+    [msg] = problems(write_suite(tmp_path / "s.yaml", text))
+    assert msg.endswith("s.yaml:5: base.model: model 'resnet' has no argument 'dept'; did you mean 'depth'? it takes: norm, activation, dropout, dropout2d, num_groups, depth, width, cbam, cbam_reduction")
+    text = TINY_SUITE.replace("{name: lenet5}", "{name: torchvision.resnet18, norm: batch}")
+    [msg] = problems(write_suite(tmp_path / "s.yaml", text))
+    assert "model 'torchvision.resnet18' has no 'norm' knob" in msg
+    # torchvision builders take their own kwargs; an unknown torchvision name is an unknown model
+    load(write_suite(tmp_path / "s.yaml", TINY_SUITE.replace("{name: lenet5}", "{name: torchvision.resnet18, kwargs: {zero_init_residual: true}}")))
+    [msg] = problems(write_suite(tmp_path / "s.yaml", TINY_SUITE.replace("{name: lenet5}", "{name: torchvision.resnet19}")))
+    assert "unknown model 'torchvision.resnet19'" in msg and "torchvision.<name>" in msg

@@ -244,3 +244,29 @@ seeds: 1
     assert "1 finished" in result.output and (tmp_path / "reports" / "pets.md").exists()
     with pytest.raises(DataNotFoundError, match="train/ and test/"):
         DATASETS.create("imagefolder", root=str(tmp_path / "nowhere"))
+
+
+def test_augmentations_change_only_training_batches(monkeypatch):
+    """The model sees augmented images in training, and exactly the same clean images at validation/test."""
+    import cnnbench.train as tr
+
+    real_initial_model = tr.initial_model
+
+    def inputs_seen(exp):
+        seen = {"train": [], "eval": []}
+
+        def recording_initial_model(*args):
+            model = real_initial_model(*args)
+            model.register_forward_pre_hook(lambda m, a: seen["train" if m.training else "eval"].append(a[0].clone()))
+            return model
+
+        monkeypatch.setattr(tr, "initial_model", recording_initial_model)
+        train(exp, 0, _split(exp), torch.device("cpu"))
+        return seen
+
+    clean = inputs_seen(_experiment(train={"epochs": 1}))
+    augmented = inputs_seen(_experiment(train={"epochs": 1}, data={"augment": ["random_crop", "random_erasing"]}))
+    assert len(clean["eval"]) == len(augmented["eval"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(clean["eval"], augmented["eval"]))
+    assert len(clean["train"]) == len(augmented["train"])
+    assert all(not torch.equal(a, b) for a, b in zip(clean["train"], augmented["train"]))
