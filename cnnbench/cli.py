@@ -76,20 +76,29 @@ def main() -> None:
 @click.option("--device", default=None, help="Force a device for every run (cpu, cuda, cuda:N, mps); an absent one is an error.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 @click.option("--no-report", is_flag=True, help="Do not write the report.")
-def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report):
-    """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md."""
+@click.option("--no-search", is_flag=True, help="Skip the suite's Optuna search: run the values written in the YAML.")
+@click.option("--storage", default=None, metavar="URL",
+              help="Optuna storage: an RDB URL (postgresql://…, sqlite:///…) or a journal file path "
+                   "[default: optuna.journal beside the SQLite MLflow store].")
+def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage):
+    """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md.
+
+    A suite with a `search` section first tunes every variant with the same Optuna budget (only
+    missing trials run when repeated), then runs each variant's best values on every seed.
+    """
     try:
-        _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report)
+        _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage)
     except KeyboardInterrupt:  # before any run was started, or while writing the report
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report):
+def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage):
     spec = _load(suite, overrides)
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
     from cnnbench.runner import Interrupted, preload_data, run_suite
+    from cnnbench.search import StorageUnavailable
 
     if device is not None:
         import re
@@ -118,7 +127,10 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
     try:
         with events:
             outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
-                                command=_reproduce_command(suite, overrides, device))
+                                command=_reproduce_command(suite, overrides, device, no_search),
+                                search=not no_search, storage=storage)
+    except StorageUnavailable as e:
+        _fail(f"{e}\n(--storage takes postgresql://user@host/db, sqlite:///path.db or a journal file path)")
     except Interrupted as e:
         click.echo(f"interrupted: runs in flight were recorded as KILLED in MLflow ({tracker.uri}); "
                    f"run the same command again to continue.", err=True)
@@ -136,7 +148,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
     sys.exit(outcome.exit_code)
 
 
-def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | None) -> str:
+def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | None, no_search: bool = False) -> str:
     """The command that reproduces these runs (store, data and report locations are left out)."""
     import shlex
 
@@ -145,6 +157,8 @@ def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | Non
         args += ["--set", o]
     if device:
         args += ["--device", device]
+    if no_search:
+        args.append("--no-search")
     return shlex.join(args)
 
 

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -232,6 +232,72 @@ class ReportConfig(Strict):
         return not LOWER_IS_BETTER.search(self.primary)
 
 
+class ParamSpec(Strict):
+    """One searched hyperparameter: ``trial.suggest_float`` / ``suggest_int`` / ``suggest_categorical``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical parameter takes 'choices', not low/high")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} parameter needs low < high, got low={self.low}, high={self.high}")
+        if self.choices is not None:
+            raise ValueError(f"'choices' is for categorical parameters; a {self.type} one takes low/high")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined (Optuna does not support it)")
+        return self
+
+    def grid(self) -> list[Any]:
+        """The values a grid search visits: the choices, or low..high in ``step`` (ints: step 1)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        step = self.step or (1 if self.type == "int" else None)
+        if step is None:
+            raise ValueError("a grid search needs 'step' on float parameters (or use choices)")
+        n = int(round((self.high - self.low) / step)) + 1
+        values = [self.low + i * step for i in range(n)]
+        return [int(v) for v in values] if self.type == "int" else values
+
+    def sample_value(self) -> Any:
+        """A value used to check that the parameter's key exists in the experiment config."""
+        if self.type == "categorical":
+            return self.choices[0]
+        return int(self.low) if self.type == "int" else self.low
+
+
+class SearchConfig(Strict):
+    """An Optuna search run for every variant with the same budget before its final seeded runs."""
+
+    trials: PositiveInt = Field(20, description="trials per variant: the same for every variant")
+    metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="validation only, never test")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: maximize accuracy, minimize loss")
+    sampler: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
+    sampler_seed: NonNegativeInt = 0
+    pruner: Literal["none", "median", "hyperband", "successive_halving", "wilcoxon"] = "median"
+    pruner_startup_trials: NonNegativeInt = Field(5, description="median: trials that finish before any is pruned")
+    space: dict[str, ParamSpec] = Field(default_factory=dict, description="dotted key into the experiment → parameter")
+    tuning_seeds: PositiveInt = Field(1, description="seeds per trial (10000, 10001, …; the objective is their mean)")
+
+    @model_validator(mode="after")
+    def _direction(self) -> SearchConfig:
+        if self.direction is None:
+            self.direction = "minimize" if self.metric.endswith("loss") else "maximize"
+        return self
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     question: str
@@ -241,11 +307,17 @@ class Suite(Strict):
     baseline: str
     seeds: PositiveInt | list[NonNegativeInt] = 3
     report: ReportConfig = Field(default_factory=ReportConfig)
+    search: SearchConfig | None = Field(None, description="tune every variant with Optuna before the seeded runs")
 
     # filled by load_suite: each variant's validated experiment, and where the suite came from
     experiments: dict[str, Experiment] = Field(default_factory=dict, exclude=True)
     source: str = Field("", exclude=True)
     warnings: list[str] = Field(default_factory=list, exclude=True)
+    search_spaces: dict[str, dict[str, ParamSpec]] = Field(default_factory=dict, exclude=True)  # per variant: suite + own
+
+    def search_space(self, variant: str) -> dict[str, ParamSpec]:
+        """The suite's space plus the variant's own ``search_space`` (empty when the suite does not search)."""
+        return self.search_spaces.get(variant, {})
 
     @field_validator("variants")
     @classmethod
@@ -460,6 +532,9 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc[:-1]:
         fld = model.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(fld, "annotation", None)
+        models = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1:  # Optional[Model]
+            ann = models[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:
@@ -487,6 +562,7 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     data, origins = apply_overrides(data, list(overrides))
     locator = _Locator(source, data, lines, origins)
     context = {"registries": registries or {}}
+    own_spaces = _pop_variant_spaces(data)  # `search_space` is not part of a variant's experiment
 
     try:
         suite = Suite.model_validate(data, context=context)
@@ -502,9 +578,74 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
         raise SuiteError(problems)
     for name, override in suite.variants.items():
         suite.experiments[name] = Experiment.model_validate(deep_merge(data["base"], override or {}), context=context)
+    problems = _search_problems(suite, own_spaces, data, locator, context)
+    if problems:
+        raise SuiteError(problems)
     suite.source = source
     suite.warnings = _warnings(suite, locator)
     return suite
+
+
+def _pop_variant_spaces(data: dict) -> dict[str, Any]:
+    spaces = {}
+    for name, override in (data.get("variants") or {}).items() if isinstance(data.get("variants"), dict) else ():
+        if isinstance(override, dict) and "search_space" in override:
+            spaces[name] = override.pop("search_space")
+    return spaces
+
+
+def set_dotted(config: dict, key: str, value: Any) -> dict:
+    """A copy of ``config`` with ``key`` (``optimizer.lr``, ``optimizer.betas.0``) set to ``value``."""
+    out = copy.deepcopy(config)
+    *parents, last = key.split(".")
+    node = out
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out
+
+
+def _search_problems(suite: Suite, own_spaces: dict, data: dict, locator: _Locator, context: dict) -> list[Problem]:
+    """Each variant's space is valid and every key lands on a real setting of its experiment."""
+    problems: list[Problem] = []
+    for name in suite.variants:
+        raw = own_spaces.get(name) or {}
+        where = ("variants", name, "search_space")
+        if raw and suite.search is None:
+            problems.append(Problem(locator.where(where), ".".join(where), "a variant's search_space needs a top-level 'search' section"))
+            continue
+        if suite.search is None:
+            continue
+        space = dict(suite.search.space)
+        if not isinstance(raw, dict):
+            problems.append(Problem(locator.where(where), ".".join(where), "search_space is a mapping of dotted keys to parameters"))
+            continue
+        for key, spec in raw.items():
+            try:
+                space[key] = ParamSpec.model_validate(spec)
+            except ValidationError as e:
+                problems += _problems(e, ParamSpec, locator, where + (key,))
+        if not space:
+            problems.append(Problem(locator.where(("search",)), "search.space", f"variant '{name}' has nothing to search: give search.space or its search_space"))
+        config = suite.experiments[name].model_dump(mode="json")
+        for key, spec in space.items():
+            origin = where + (key,) if key in raw else ("search", "space", key)
+            try:
+                Experiment.model_validate(set_dotted(config, key, spec.sample_value()), context=context)
+            except (ValidationError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+                detail = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"no such setting ({type(e).__name__}: {e})"
+                problems.append(Problem(locator.where(origin), ".".join(map(str, origin)),
+                                        f"'{key}' is not a setting of variant '{name}' that takes {spec.sample_value()!r}: {detail}"))
+            if suite.search.sampler == "grid":
+                try:
+                    spec.grid()
+                except ValueError as e:
+                    problems.append(Problem(locator.where(origin), ".".join(map(str, origin)), str(e)))
+        suite.search_spaces[name] = space
+    return problems
 
 
 FLIP_UNSAFE_DATASETS = ("digits", "mnist")  # a mirrored digit can read as another one (or as none)
@@ -573,30 +714,63 @@ def _startswith_data(override: dict, loc: tuple) -> bool:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One (variant, seed) training run of a suite."""
+    """One (variant, seed) training run of a suite — or, with ``trial`` set, one search trial."""
 
     suite: str
     variant: str
     seed: int
     experiment: Experiment = field(compare=False)
     is_baseline: bool = False
+    plan_key: str = ""  # identity of the planned run (untuned config + seed + study): what reports select on
+    study: str | None = None  # the Optuna study whose best params ``experiment`` carries
+    trial: int | None = None
+    skip_reason: str | None = None  # recorded as skipped instead of trained (e.g. a search with no complete trial)
 
     @property
     def run_name(self) -> str:
-        return f"{self.variant}/seed{self.seed}"
+        return f"{self.variant}/trial{self.trial}" if self.trial is not None else f"{self.variant}/seed{self.seed}"
 
     @property
     def fingerprint(self) -> str:
+        """Identity of the config actually trained (tuned values included): a finished run with it is reused."""
         return self.experiment.fingerprint(self.seed)
 
 
-def plan(suite: Suite) -> list[RunSpec]:
-    """Seed-major order: every variant of seed 0, then seed 1, … (paired results arrive early)."""
-    return [
-        RunSpec(suite.name, name, seed, suite.experiments[name], name == suite.baseline)
-        for seed in suite.seed_list()
-        for name in suite.variants
-    ]
+def search_fingerprint(suite: Suite, variant: str) -> str:
+    """Identity of a variant's search: its config, space, sampler, pruner, metric — not the trial count."""
+    blob = json.dumps({
+        "v": FINGERPRINT_VERSION,
+        "search": suite.search.model_dump(mode="json", exclude={"trials", "space"}),
+        "space": {k: v.model_dump(mode="json") for k, v in sorted(suite.search_space(variant).items())},
+        "config": suite.experiments[variant].model_dump(mode="json"),
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def study_name(suite: Suite, variant: str) -> str:
+    """``<suite>.<variant>.<search fingerprint>``: resumed while nothing but the trial count changes."""
+    return f"{suite.name}.{variant}.{search_fingerprint(suite, variant)}"
+
+
+def plan(suite: Suite, tuned: dict[str, Experiment | None] | None = None) -> list[RunSpec]:
+    """Seed-major order: every variant of seed 0, then seed 1, … (paired results arrive early).
+
+    ``tuned`` maps a variant to its experiment with the best searched values (``None``: its search
+    completed no trial, so its runs are planned as skipped). Without it the suite's own values run.
+    """
+    specs = []
+    for seed in suite.seed_list():
+        for name in suite.variants:
+            exp, key, study, skip = suite.experiments[name], suite.experiments[name].fingerprint(seed), None, None
+            if tuned is not None and name in tuned:
+                study = study_name(suite, name)
+                key = hashlib.sha256(f"{key}|{study}".encode()).hexdigest()[:16]
+                if tuned[name] is None:
+                    skip = f"search {study} completed no trial: nothing to evaluate"
+                else:
+                    exp = tuned[name]
+            specs.append(RunSpec(suite.name, name, seed, exp, name == suite.baseline, key, study, None, skip))
+    return specs
 
 
 def json_schema() -> dict:

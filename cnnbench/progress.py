@@ -8,7 +8,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cnnbench.config import RunSpec, Suite
 from cnnbench.runner import Events
 
-STATUS_STYLE = {"finished": "green", "diverged": "yellow", "failed": "red", "skipped": "magenta"}
+STATUS_STYLE = {"finished": "green", "diverged": "yellow", "failed": "red", "skipped": "magenta",
+                "complete": "green", "pruned": "yellow"}
 
 
 class RichEvents(Events):
@@ -19,7 +20,7 @@ class RichEvents(Events):
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self.console, disable=quiet,
         )
-        self.suite_task = self.run_task = None
+        self.suite_task = self.run_task = self.search_task = None
         self.epochs = 1
         self.epochs_done = 0
 
@@ -62,3 +63,25 @@ class RichEvents(Events):
         style = STATUS_STYLE.get(status, "white")
         detail = f"test acc {100 * metrics['test_accuracy']:.2f}%  {metrics['train_throughput']:,.0f} img/s" if "test_accuracy" in metrics else message
         self.console.print(f"  [{style}]{status:<8}[/] {spec.run_name:<28} {detail}")
+
+    def trial_start(self, spec: RunSpec, done: int, total: int) -> None:
+        if self.search_task is None:
+            self.search_task = self.progress.add_task(f"[bold]search {spec.variant}", total=total, completed=done)
+        self.run_start(spec, done, total)
+
+    def trial_end(self, spec: RunSpec, state: str, value: float | None, message: str) -> None:
+        self.progress.advance(self.search_task)
+        if self.quiet:
+            return
+        detail = f"{value:.4f}  {message}" if value is not None else message
+        self.console.print(f"  [{STATUS_STYLE.get(state, 'white')}]{state:<8}[/] {spec.run_name:<28} {detail}")
+
+    def search_end(self, result) -> None:
+        if self.search_task is not None:
+            self.progress.remove_task(self.search_task)
+            self.search_task = None
+        if not self.quiet:
+            best = (f"best {result.best_value:.4f} with {result.best_params}" if result.best_params is not None
+                    else "no trial completed")
+            counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts.items()))
+            self.console.print(f"search {result.variant}: {best} ({counts}; {result.ran} run now)")

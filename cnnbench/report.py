@@ -1,7 +1,9 @@
 """Render a suite's markdown report from MLflow alone (no torch): query → DataFrame → tables + PNGs.
 
 Which runs belong to a report: for each (variant, seed) of the suite as it is now, the newest
-run with the same fingerprint — so editing a variant retires its old runs from the report.
+run with the same plan key — so editing a variant retires its old runs from the report. When the
+suite searches, the runs of its current studies' best values are preferred; untuned runs
+(``--no-search``) are shown when there are none, and the table says which.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnnbench.config import Suite, plan
-from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SUITE, Tracker
+from cnnbench.config import Suite, plan, study_name
+from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SEARCH, ROLE_SUITE, ROLE_TRIAL, Tracker
 
 META_PREFIX = "<!-- cnnbench-report "
 
@@ -83,21 +85,44 @@ def mean_std(values: pd.Series, fmt: MetricFormat) -> str:
 
 
 def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per planned (variant, seed): the newest matching run, preferring a finished/diverged one."""
+    """One row per planned (variant, seed): the newest matching run, preferring a finished/diverged one,
+    and a tuned run (``tuned`` column) over an untuned one when the suite searches."""
     rows = []
     runs = frame[frame.get("tags.cnnbench.role", pd.Series(dtype=str)) == ROLE_RUN] if not frame.empty else frame
-    for spec in plan(suite):
-        match = runs[runs["tags.cnnbench.fingerprint"] == spec.fingerprint] if not runs.empty else runs
-        row = {"variant": spec.variant, "seed": spec.seed, "status": "missing", "run_id": None}
-        if not match.empty:
+    keys = runs.get("tags.cnnbench.plan_key", pd.Series(dtype=str)).fillna(runs.get("tags.cnnbench.fingerprint")) \
+        if not runs.empty else pd.Series(dtype=str)
+    untuned = plan(suite)
+    tuned = plan(suite, {v: e for v, e in suite.experiments.items()}) if suite.search is not None else untuned
+    for spec, tuned_spec in zip(untuned, tuned):
+        row = {"variant": spec.variant, "seed": spec.seed, "status": "missing", "run_id": None, "tuned": False}
+        for key, is_tuned in ((tuned_spec.plan_key, suite.search is not None), (spec.plan_key, False)):
+            match = runs[keys == key] if not runs.empty else runs
+            if match.empty:
+                continue
             match = match.sort_values("start_time", ascending=False)
             done = match[match["tags.cnnbench.status"].isin(DONE_STATUSES) & (match["status"] == "FINISHED")]
             best = done.iloc[0] if not done.empty else match.iloc[0]
             status = best["tags.cnnbench.status"]
-            row.update(best.to_dict(), status="failed" if status == "running" else status)
+            row.update(best.to_dict(), status="failed" if status == "running" else status, tuned=is_tuned)
             row["variant"], row["seed"] = spec.variant, spec.seed
+            break
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def tuning_frame(suite: Suite, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The search run of each variant's current study (one row per variant) and all of its trials."""
+    if suite.search is None or frame.empty or "tags.cnnbench.study" not in frame:
+        return pd.DataFrame(), pd.DataFrame()
+    studies = {study_name(suite, v): v for v in suite.variants}
+    current = frame[frame["tags.cnnbench.study"].isin(list(studies))]
+    searches = current[current["tags.cnnbench.role"] == ROLE_SEARCH].sort_values("start_time").drop_duplicates(
+        "tags.cnnbench.study")
+    trials = current[current["tags.cnnbench.role"] == ROLE_TRIAL].copy()
+    searches = searches.assign(variant=searches["tags.cnnbench.study"].map(studies))
+    trials = trials.assign(variant=trials["tags.cnnbench.study"].map(studies),
+                           trial=pd.to_numeric(trials.get("tags.cnnbench.trial"), errors="coerce"))
+    return searches, trials
 
 
 # ───────────────────────────── tables ─────────────────────────────
@@ -234,6 +259,97 @@ def plot_bars(suite: Suite, runs: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+def plot_tuning(suite: Suite, trials: pd.DataFrame, path: Path) -> bool:
+    """Optimization history per variant: complete trials, pruned ones at their last value, best so far."""
+    if trials.empty:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = suite.search.metric
+    fmt = metric_format(metric)
+    scale = 100 if fmt.fmt == "pct" else 1
+    names = [v for v in suite.variants if v in set(trials["variant"])]
+    fig, axes = plt.subplots(1, len(names), sharey=True, figsize=(2.9 * len(names) + 1, 3.2), dpi=110, squeeze=False)
+    for ax, variant in zip(axes[0], names):
+        t = trials[trials["variant"] == variant].sort_values("trial")
+        state = t.get("tags.cnnbench.trial_state", pd.Series(dtype=str))
+        done = t[state == "complete"]
+        y = pd.to_numeric(done.get("metrics.objective"), errors="coerce") * scale
+        ax.scatter(done["trial"], y, s=14, color="C0", label="complete", zorder=3)
+        pruned = t[state == "pruned"]
+        if not pruned.empty and f"metrics.{metric}" in pruned:
+            ax.scatter(pruned["trial"], pd.to_numeric(pruned[f"metrics.{metric}"], errors="coerce") * scale,
+                       s=14, marker="x", color="grey", label="pruned (last value)")
+        if not y.empty:
+            best = y.cummax() if suite.search.direction == "maximize" else y.cummin()
+            ax.step(done["trial"], best, where="post", color="C3", label="best so far")
+        ax.set_title(variant, fontsize=9)
+        ax.set_xlabel("trial")
+    axes[0][0].set_ylabel(f"validation {fmt.label}" + (" (%)" if fmt.fmt == "pct" else ""))
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{suite.name}: optimization history ({suite.search.sampler}, {suite.search.pruner} pruner)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def tuning_lines(suite: Suite, searches: pd.DataFrame, trials: pd.DataFrame, plot: Path | None) -> list[str]:
+    """The report's Tuning section: what each variant's equal-budget search found."""
+    from cnnbench.search import TUNING_SEED_BASE
+
+    sc = suite.search
+    fmt = metric_format(sc.metric)
+    seeds = ", ".join(str(TUNING_SEED_BASE + k) for k in range(sc.tuning_seeds))
+    lines = [
+        "## Tuning", "",
+        f"Every variant got the same budget: {sc.trials} trials of the `{sc.sampler}` sampler (seed {sc.sampler_seed}) "
+        f"with the `{sc.pruner}` pruner, {sc.direction} {sc.metric} on the validation split after "
+        f"{sorted({e.train.epochs for e in suite.experiments.values()})[0]} epochs, tuning seed(s) {seeds}. "
+        "Trials never see the test set. The seeded runs above use each variant's best values.", "",
+    ]
+    if searches.empty:
+        return lines + ["No search has been recorded for the current suite yet (or it ran with `--no-search`).", ""]
+
+    def num(row, key, default=0.0):
+        v = pd.to_numeric(row.get(f"metrics.{key}"), errors="coerce")
+        return default if pd.isna(v) else v
+
+    rows = []
+    for _, r in searches.set_index("variant").reindex(list(suite.variants)).dropna(how="all").iterrows():
+        best = {k.removeprefix("tags.best."): v for k, v in r.items() if k.startswith("tags.best.") and isinstance(v, str)}
+        best_txt = ", ".join(f"{k} = {_short(v)}" for k, v in best.items()) or "–"
+        counts = "/".join(str(int(num(r, f"trials_{k}"))) for k in ("complete", "pruned", "failed"))
+        rows.append({
+            "variant": r.name, "best values": best_txt,
+            f"best val {fmt.label}": fmt(num(r, "best_value", float("nan"))) if best else "–",
+            "trials complete/pruned/failed": counts,
+            "epochs trained": f"{int(num(r, 'epochs_run'))}",
+            "epochs saved by pruning": f"{int(num(r, 'epochs_saved_by_pruning'))} ({num(r, 'epochs_saved_fraction'):.0%})",
+            "search run": f"`{r['run_id']}`",
+        })
+    lines += [to_markdown(pd.DataFrame(rows)), ""]
+    imp_cols = [c for c in searches if c.startswith("metrics.importance.")]
+    if imp_cols:
+        imp = searches.set_index("variant")[imp_cols].rename(columns=lambda c: c.removeprefix("metrics.importance."))
+        imp = imp.dropna(how="all").apply(lambda col: col.map(lambda v: "–" if pd.isna(v) else f"{v:.2f}"))
+        lines += ["Parameter importances (fANOVA, seed pinned; share of the validation metric's variance):", "",
+                  to_markdown(imp.reset_index()), ""]
+    if plot is not None:
+        lines += [f"![optimization history]({plot.name})", ""]
+    return lines
+
+
+def _short(v: str) -> str:
+    try:
+        return f"{float(v):.4g}"
+    except ValueError:
+        return v
+
+
 # ───────────────────────────── the report ─────────────────────────────
 
 
@@ -281,6 +397,9 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     has_curves = plot_curves(suite, runs, history, curves)
     has_bars = plot_bars(suite, runs, bars)
     table, numbers = summary_table(suite, runs)
+    searches, trials = tuning_frame(suite, frame)
+    tuning_png = reports_dir / f"{suite.name}_tuning.png"
+    has_tuning_plot = suite.search is not None and plot_tuning(suite, trials, tuning_png)
 
     parents = frame[frame["tags.cnnbench.role"] == ROLE_SUITE].sort_values("start_time") if not frame.empty else frame
     used_parents = set(runs.get("tags.mlflow.parentRunId", pd.Series(dtype=str)).dropna())
@@ -331,6 +450,12 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         to_markdown(table),
         "",
     ]
+    if suite.search is not None:
+        present = runs[runs["status"] != "missing"]
+        plain = sorted(set(present[~present["tuned"].astype(bool)]["variant"]), key=list(suite.variants).index)
+        lines += [("Runs of " + ", ".join(f"`{v}`" for v in plain) + " use the values written in the suite, not tuned "
+                   "ones (they ran with `--no-search`).") if plain else
+                  "Every run uses its variant's tuned values (see Tuning).", ""]
     problems = runs[runs["status"].isin(["diverged", "failed", "skipped", "killed"])]
     if not problems.empty:
         lines += ["Runs that did not finish:", ""]
@@ -344,6 +469,8 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
             lines += [f"![learning curves]({curves.name})", ""]
         if has_bars:
             lines += [f"![{suite.report.primary} per variant]({bars.name})", ""]
+    if suite.search is not None:
+        lines += tuning_lines(suite, searches, trials, tuning_png if has_tuning_plot else None)
     lines += ["## Variants", "", "Each variant changes the baseline by:", ""]
     for name, override in suite.variants.items():
         lines.append(f"- `{name}`: " + (f"`{json.dumps(override, separators=(', ', ': '))}`" if override else "baseline"))

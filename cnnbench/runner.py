@@ -36,6 +36,9 @@ class Events:
     def batch(self, done: int, total: int) -> None: ...
     def epoch(self, spec: RunSpec, record: dict) -> None: ...
     def run_end(self, spec: RunSpec, status: str, metrics: dict, message: str) -> None: ...
+    def trial_start(self, spec: RunSpec, done: int, total: int) -> None: ...
+    def trial_end(self, spec: RunSpec, state: str, value: float | None, message: str) -> None: ...
+    def search_end(self, result) -> None: ...
 
 
 @dataclass
@@ -68,16 +71,27 @@ def run_suite(
     device: str | None = None,
     events: Events | None = None,
     command: str | None = None,
+    search: bool = True,
+    storage: str | None = None,
 ) -> SuiteOutcome:
-    """Run every planned (variant, seed) not already done; ``command`` is recorded as the way to reproduce."""
+    """Tune each variant (when the suite has a ``search`` and ``search`` is true), then run every planned
+    (variant, seed) not already done; ``command`` is recorded as the way to reproduce.
+
+    ``storage``: the Optuna storage URL or journal path (default: a journal beside the MLflow store).
+    """
     from cnnbench.environment import capsule
 
     events = events or Events()
     t_start = time.perf_counter()
     mlflow_before = tracker.seconds
-    specs = plan(suite)
+    searching = suite.search is not None and search
+    optuna_storage = storage_url = None
+    if searching:  # opened before anything is written: a bad URL fails fast
+        from cnnbench.search import default_storage, open_storage
+
+        storage_url = storage or default_storage(tracker.uri)
+        optuna_storage = open_storage(storage_url)
     exp_id = tracker.experiment_id(suite.name)
-    done = {} if rerun else tracker.done_runs(exp_id, suite.name)
     env = capsule(command=command)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     parent = tracker.start_run(
@@ -86,15 +100,20 @@ def run_suite(
         {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE, "cnnbench.version": __version__,
          "cnnbench.command": env["command"], "cnnbench.source": suite.source, "cnnbench.git_commit": env["git_commit"]},
     )
-    tracker.log(parent, params={f"env.{k}": v for k, v in env.items()} | {"seeds": suite.seed_list()})
+    tracker.log(parent, params={f"env.{k}": v for k, v in env.items()} | {"seeds": suite.seed_list()}
+                | ({"optuna_storage": storage_url} if searching else {}),
+                tags={"cnnbench.searched": str(searching).lower()})
     tracker.log_artifacts(parent, {"suite.yaml": yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False),
                                    "environment.json": env})
     outcome = SuiteOutcome(parent)
-    todo = [s for s in specs if s.fingerprint not in done]
-    outcome.reused = len(specs) - len(todo)
-    events.suite_start(suite, specs, outcome.reused)
 
     try:
+        tuned = _tune_all(suite, tracker, exp_id, parent, optuna_storage, data_dir, device, events) if searching else None
+        specs = plan(suite, tuned)
+        done = {} if rerun else tracker.done_runs(exp_id, suite.name)
+        todo = [s for s in specs if s.fingerprint not in done or s.skip_reason]
+        outcome.reused = len(specs) - len(todo)
+        events.suite_start(suite, specs, outcome.reused)
         for i, spec in enumerate(todo):
             events.run_start(spec, i, len(todo))
             status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events)
@@ -118,6 +137,28 @@ def run_suite(
     return outcome
 
 
+def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, data_dir, device_override,
+              events: Events) -> dict:
+    """Search every variant with the same budget; variant → experiment with its best values (None: no trial completed)."""
+    from cnnbench import data as datamod
+    from cnnbench import devices
+    from cnnbench.search import configure, tune_variant
+
+    def load_split(cfg):
+        return datamod.split(datamod.load(cfg.data, data_dir), cfg.data.val_fraction, cfg.data.limit_train)
+
+    tuned = {}
+    for name, exp in suite.experiments.items():
+        try:
+            device = devices.resolve(device_override or exp.device)
+        except devices.DeviceUnavailable:
+            continue  # not tuned: its seeded runs are recorded as skipped with the reason
+        result = tune_variant(suite, name, tracker, exp_id, parent, storage, load_split, device, events)
+        tuned[name] = configure(exp, result.best_params) if result.best_params is not None else None
+        events.search_end(result)
+    return tuned
+
+
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
              events: Events) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message)."""
@@ -133,17 +174,24 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         "cnnbench.seed": str(spec.seed),
         "cnnbench.baseline": str(spec.is_baseline).lower(),
         "cnnbench.fingerprint": spec.fingerprint,
+        "cnnbench.plan_key": spec.plan_key,
         "cnnbench.status": "running",
     }
+    if spec.study:
+        tags |= {"cnnbench.study": spec.study, "cnnbench.tuned": "true"}
     config_yaml = yaml.safe_dump({"seed": spec.seed, **exp.model_dump(mode="json")}, sort_keys=False)
-    try:
-        device = devices.resolve(device_override or exp.device)
-    except devices.DeviceUnavailable as e:
+    skip = spec.skip_reason
+    if skip is None:
+        try:
+            device = devices.resolve(device_override or exp.device)
+        except devices.DeviceUnavailable as e:
+            skip = str(e)
+    if skip is not None:  # not trained: recorded as skipped with the reason
         run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": exp.device}, parent)
         tracker.log(run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed},
-                    tags={"cnnbench.status": "skipped", "cnnbench.reason": str(e)})
+                    tags={"cnnbench.status": "skipped", "cnnbench.reason": skip})
         tracker.end_run(run_id, "FINISHED")
-        return "skipped", {}, str(e)
+        return "skipped", {}, skip
 
     run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": device.type}, parent)
     buffered = BufferedRun(tracker, run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed})

@@ -23,7 +23,7 @@ import pandas as pd
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
-ROLE_SUITE, ROLE_RUN = "suite", "run"
+ROLE_SUITE, ROLE_RUN, ROLE_SEARCH, ROLE_TRIAL = "suite", "run", "search", "trial"
 DONE_STATUSES = ("finished", "diverged")  # results worth keeping; failed/skipped/killed are redone
 
 

@@ -77,8 +77,12 @@ def train(
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    evaluate_test: bool = True,
 ) -> RunResult:
-    """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive."""
+    """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
+
+    ``evaluate_test=False`` (search trials) never touches the test set.
+    """
     # ── setup ────────────────────────────────────────────────────────────────
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
@@ -185,8 +189,8 @@ def train(
     )
     if time_to_target is not None:
         result.metrics.update(time_to_target_s=time_to_target, epochs_to_target=epochs_to_target)
-    if result.status == "diverged":
-        return result  # a NaN model has no meaningful test metrics
+    if result.status == "diverged" or not evaluate_test:
+        return result  # a NaN model has no meaningful test metrics; a search trial must not see them
 
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
