@@ -45,6 +45,15 @@ def describe_plan(suite: Suite) -> str:
             f"{name:<20} {exp.data.dataset:<14} {exp.model.name:<10} {opt:<16} {exp.train.epochs:>6}"
             f" {train_images(exp):>12,} {secs:>9.1f}s"
         )
+    if suite.search is not None:
+        sc = suite.search
+        trial_s = sum(rough_seconds(e) * sc.tuning_seeds for e in suite.experiments.values()) * sc.trials
+        total_epochs += sum(e.train.epochs for e in suite.experiments.values()) * sc.trials * sc.tuning_seeds
+        total_s += trial_s
+        spaces = "; ".join(f"{v}: {', '.join(suite.search_space(v))}" for v in suite.variants)
+        lines += ["", f"search first: {sc.trials} trials per variant ({sc.sampler}, seed {sc.sampler_seed}, "
+                      f"{sc.pruner} pruner, {sc.direction} {sc.metric}) = {sc.trials * len(suite.variants)} trials, "
+                      f"at most {trial_s:.0f} s (pruning saves some; --no-search skips it)", f"spaces — {spaces}"]
     lines += ["", f"total: {total_epochs} epochs, roughly {total_s:.0f} s of training on 2 CPU cores"
                   " (plus data loading and MLflow; a GPU is much faster)"]
     return "\n".join(lines)
