@@ -225,11 +225,15 @@ class ReportConfig(Strict):
         ]
     )
     higher_is_better: bool | None = Field(None, description="for the primary metric; default guessed from its name")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the verdicts (Holm-corrected)")
 
     def primary_higher_is_better(self) -> bool:
-        if self.higher_is_better is not None:
+        return self.is_higher_better(self.primary)
+
+    def is_higher_better(self, metric: str) -> bool:
+        if metric == self.primary and self.higher_is_better is not None:
             return self.higher_is_better
-        return not LOWER_IS_BETTER.search(self.primary)
+        return not LOWER_IS_BETTER.search(metric)
 
 
 class ParamSpec(Strict):

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from cnnbench import stats
 from cnnbench.config import Suite, plan, study_name
 from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SEARCH, ROLE_SUITE, ROLE_TRIAL, Tracker
 
 META_PREFIX = "<!-- cnnbench-report "
+CENSORED_METRICS = ("time_to_target_s", "epochs_to_target")
 
 
 # ───────────────────────────── formatting ─────────────────────────────
@@ -89,8 +91,11 @@ def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
     and a tuned run (``tuned`` column) over an untuned one when the suite searches."""
     rows = []
     runs = frame[frame.get("tags.cnnbench.role", pd.Series(dtype=str)) == ROLE_RUN] if not frame.empty else frame
-    keys = runs.get("tags.cnnbench.plan_key", pd.Series(dtype=str)).fillna(runs.get("tags.cnnbench.fingerprint")) \
-        if not runs.empty else pd.Series(dtype=str)
+    keys = pd.Series(dtype=str)
+    if not runs.empty:  # runs from before plan keys existed are matched on their fingerprint
+        keys = runs["tags.cnnbench.fingerprint"]
+        if "tags.cnnbench.plan_key" in runs:
+            keys = runs["tags.cnnbench.plan_key"].fillna(keys)
     untuned = plan(suite)
     tuned = plan(suite, {v: e for v, e in suite.experiments.items()}) if suite.search is not None else untuned
     for spec, tuned_spec in zip(untuned, tuned):
@@ -128,54 +133,118 @@ def tuning_frame(suite: Suite, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
 # ───────────────────────────── tables ─────────────────────────────
 
 
-def summary_table(suite: Suite, runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """The per-variant table (strings) and the numbers behind it (for the summary sentence)."""
+def per_seed(runs: pd.DataFrame, variant: str, metric: str) -> dict[int, float]:
+    """seed → value of ``metric`` for the variant's finished runs."""
+    col = f"metrics.{metric}"
+    fin = runs[(runs["variant"] == variant) & (runs["status"] == "finished")]
+    if col not in fin:
+        return {}
+    values = pd.to_numeric(fin[col], errors="coerce")
+    return {int(s): float(v) for s, v in zip(fin["seed"], values) if pd.notna(v)}
+
+
+def comparisons(suite: Suite, runs: pd.DataFrame) -> dict[str, dict[str, stats.Paired]]:
+    """metric → variant → paired comparison with the baseline (Holm across variants, per metric)."""
     metrics = list(dict.fromkeys([suite.report.primary, *suite.report.metrics]))
-    base = runs[(runs["variant"] == suite.baseline) & (runs["status"] == "finished")].set_index("seed")
-    table, numbers = [], {}
-    for variant in suite.variants:
-        sub = runs[runs["variant"] == variant]
-        fin = sub[sub["status"] == "finished"]
-        counts = sub["status"].value_counts()
-        row = {"variant": f"**{variant}** (baseline)" if variant == suite.baseline else variant}
-        row["seeds fin/div/fail/skip"] = "/".join(str(int(counts.get(s, 0))) for s in ("finished", "diverged", "failed", "skipped"))
-        extra = [f"{int(counts[s])} {s}" for s in ("killed", "missing") if counts.get(s, 0)]
-        if extra:
-            row["seeds fin/div/fail/skip"] += " (" + ", ".join(extra) + ")"
-        for m in metrics:
-            col = f"metrics.{m}"
-            fmt = metric_format(m)
-            values = pd.to_numeric(fin[col], errors="coerce") if col in fin else pd.Series(dtype=float)
-            cell = mean_std(values, fmt)
-            if m == "time_to_target_s" and not fin.empty:
-                cell = f"{cell} ({values.notna().sum()}/{len(fin)} reached)"
-            row[fmt.label] = cell
-            if m == suite.report.primary:
-                row[f"Δ {fmt.label} vs baseline"] = "–" if variant == suite.baseline else _paired_delta(fin, base, col, fmt)
-                numbers[variant] = {
-                    "mean": values.mean() if not values.empty else float("nan"),
-                    "delta": _paired_delta_value(fin, base, col),
-                    "n": int(values.notna().sum()),
-                }
-        table.append(row)
-    return pd.DataFrame(table), numbers
+    # time to target is censored: compared through the Kaplan–Meier median, not as a paired mean
+    metrics = [m for m in metrics if m not in CENSORED_METRICS]
+    out = {}
+    for m in metrics:
+        values = {v: per_seed(runs, v, m) for v in suite.variants}
+        out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, suite.report.is_higher_better(m))
+    return out
 
 
-def _paired_delta_value(fin: pd.DataFrame, base: pd.DataFrame, col: str) -> tuple[float, float, int]:
-    if col not in fin or col not in base or fin.empty:
-        return float("nan"), float("nan"), 0
-    v = pd.to_numeric(fin.set_index("seed")[col], errors="coerce")
-    b = pd.to_numeric(base[col], errors="coerce")
-    d = (v - b).dropna()
-    return (d.mean() if len(d) else float("nan"), d.std(ddof=1) if len(d) > 1 else float("nan"), len(d))
+def time_to_target(runs: pd.DataFrame, variant: str) -> stats.TimeToTarget:
+    """Censored at the run's training time when a finished or diverged run never reached the target."""
+    sub = runs[(runs["variant"] == variant) & runs["status"].isin(["finished", "diverged"])]
+    if "metrics.time_to_target_s" not in sub:
+        return stats.TimeToTarget(0, 0, math.inf)
+    t = pd.to_numeric(sub["metrics.time_to_target_s"], errors="coerce")
+    total = pd.to_numeric(sub.get("metrics.train_time_s"), errors="coerce")
+    return stats.time_to_target(t.dropna().tolist(), total[t.isna()].dropna().tolist())
 
 
-def _paired_delta(fin, base, col, fmt: MetricFormat) -> str:
-    mean, sd, n = _paired_delta_value(fin, base, col)
-    if n == 0:
+def mean_ci(values: list[float], fmt: MetricFormat, alpha: float) -> str:
+    """``mean [low, high]`` (t-interval of the mean), or the single value."""
+    from scipy import stats as st
+
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
         return "–"
-    spread = f" ± {fmt.delta(sd).lstrip('+')}" if n > 1 and not math.isnan(sd) else ""
-    return f"{fmt.delta(mean)}{spread} (n={n})"
+    mean = sum(v) / len(v)
+    if len(v) < 2 or len(set(v)) == 1:
+        return fmt(mean)
+    lo, hi = st.t.interval(1 - alpha, len(v) - 1, loc=mean, scale=st.sem(v))
+    return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def delta_ci(r: stats.Paired | None, fmt: MetricFormat) -> str:
+    if r is None or r.n == 0:
+        return "–"
+    if r.n < 2 or math.isnan(r.low):
+        return f"{fmt.delta(r.delta)} (n={r.n})"
+    if r.method == "exact":
+        return f"{fmt.delta(r.delta)} (exact, n={r.n})"
+    return f"{fmt.delta(r.delta)} [{fmt.delta(r.low)}, {fmt.delta(r.high)}] (n={r.n})"
+
+
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'s' * (k != 1)}"
+
+
+def _p(p: float) -> str:
+    return "–" if p is None or math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _counts(runs: pd.DataFrame, variant: str) -> str:
+    counts = runs[runs["variant"] == variant]["status"].value_counts()
+    text = "/".join(str(int(counts.get(s, 0))) for s in ("finished", "diverged", "failed", "skipped"))
+    extra = [f"{int(counts[s])} {s}" for s in ("killed", "missing") if counts.get(s, 0)]
+    return text + (" (" + ", ".join(extra) + ")" if extra else "")
+
+
+def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
+    """One row per variant: the primary metric with its CI, the paired Δ, Holm p, verdict and costs."""
+    primary, alpha = suite.report.primary, suite.report.alpha
+    fmt = metric_format(primary)
+    rows = []
+    for variant in suite.variants:
+        r = comps[primary].get(variant)
+        row = {
+            "variant": f"**{variant}** (baseline)" if variant == suite.baseline else variant,
+            f"{fmt.label} [{1 - alpha:.0%} CI]": mean_ci(list(per_seed(runs, variant, primary).values()), fmt, alpha),
+            f"Δ vs baseline [{1 - alpha:.0%} CI]": "–" if r is None else delta_ci(r, fmt),
+            "p (Holm)": "–" if r is None else _p(r.p_holm),
+            "verdict": "baseline" if r is None else r.verdict,
+            "time to target (KM median)": str(time_to_target(runs, variant)),
+        }
+        for m in ("train_throughput", "params"):
+            vals = list(per_seed(runs, variant, m).values())
+            row[metric_format(m).label] = metric_format(m)(sum(vals) / len(vals)) if vals else "–"
+        row["seeds fin/div/fail/skip"] = _counts(runs, variant)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metrics_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
+    """Every reported metric: mean ± sd per variant and, vs the baseline, Δ [CI], p, Holm p, Wilcoxon p, verdict."""
+    rows = []
+    for m, by_variant in comps.items():
+        fmt = metric_format(m)
+        for variant in suite.variants:
+            vals = list(per_seed(runs, variant, m).values())
+            r = by_variant.get(variant)
+            rows.append({
+                "metric": fmt.label, "variant": variant,
+                "mean ± sd": mean_std(pd.Series(vals, dtype=float), fmt),
+                "Δ vs baseline [CI]": "–" if r is None else delta_ci(r, fmt),
+                "p": "–" if r is None else _p(r.p),
+                "p (Holm)": "–" if r is None else _p(r.p_holm),
+                "p Wilcoxon": "–" if r is None else _p(r.p_wilcoxon),
+                "verdict": "baseline" if r is None else r.verdict,
+            })
+    return pd.DataFrame(rows)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -358,31 +427,159 @@ def _common(suite: Suite, get) -> object:
     return get(next(iter(suite.experiments.values()))) if len(values) == 1 else None
 
 
-def _summary_sentence(suite: Suite, numbers: dict) -> str:
-    fmt = metric_format(suite.report.primary)
-    higher = suite.report.primary_higher_is_better()
-    base = numbers.get(suite.baseline, {})
-    if not base or not base.get("n"):
+def answer(suite: Suite, runs: pd.DataFrame, comps: dict) -> str:
+    """The suite's question answered in a sentence or two, with the numbers behind it."""
+    primary, alpha = suite.report.primary, suite.report.alpha
+    fmt = metric_format(primary)
+    base = list(per_seed(runs, suite.baseline, primary).values())
+    if not base:
         return f"The baseline `{suite.baseline}` has no finished runs yet, so no variant can be compared with it."
-    parts = []
-    for name, num in numbers.items():
-        if name == suite.baseline:
-            continue
-        mean, sd, n = num["delta"]
-        if n == 0:
-            parts.append(f"`{name}` has no finished seed paired with the baseline")
-            continue
-        spread = f" ± {fmt.delta(sd).lstrip('+')}" if n > 1 and not math.isnan(sd) else ""
-        parts.append(f"`{name}` {fmt.delta(mean)}{spread} (n={n} paired seed{'s' * (n != 1)})")
-    ranked = sorted(((v["mean"], k) for k, v in numbers.items() if v["n"]), reverse=higher)
-    best = ranked[0][1] if ranked else None
-    head = (f"Baseline `{suite.baseline}`: {fmt(base['mean'])} {fmt.label}. Change vs baseline: "
-            + "; ".join(parts) + ". ")
-    tail = f"Best mean {fmt.label}: `{best}`. " if best else ""
-    return head + tail + (
-        "Spreads are the standard deviation over seeds; with few seeds, differences smaller than "
-        "the spread are not evidence of an effect (confidence intervals and tests come with the statistics module)."
-    )
+    results = comps[primary]
+
+    def cite(v: str) -> str:
+        r = results[v]
+        return f"`{v}` ({delta_ci(r, fmt).replace(f' (n={r.n})', '')}, p = {_p(r.p_holm)})"
+
+    better = [v for v, r in results.items() if r.verdict == "better"]
+    worse = [v for v, r in results.items() if r.verdict == "worse"]
+    unclear = [v for v, r in results.items() if r.verdict == "no evidence of a difference"]
+    few = [v for v, r in results.items() if r.verdict.startswith("too few")]
+    n = max((r.n for r in results.values()), default=0)
+    text = f"The baseline `{suite.baseline}` reaches {fmt(sum(base) / len(base))} {fmt.label}. "
+    if better:
+        text += "Better than it: " + "; ".join(cite(v) for v in better) + ". "
+    if worse:
+        text += "Worse: " + "; ".join(cite(v) for v in worse) + ". "
+    if unclear:
+        if not better and not worse:
+            text += "No variant differs detectably from it: "
+        else:
+            text += "No evidence of a difference for "
+        text += ", ".join(f"`{v}` ({fmt.delta(results[v].delta)})" for v in unclear) + ". "
+    if few:
+        text += "Too few paired seeds to judge " + ", ".join(f"`{v}`" for v in few) + ". "
+    problems = runs[runs["status"].isin(["diverged", "failed", "skipped"])]
+    for variant, sub in problems.groupby("variant", sort=False):
+        total = int((runs["variant"] == variant).sum())
+        text += f"`{variant}`: {', '.join(f'{c} {s}' for s, c in sub['status'].value_counts().items())} of {total} seeds. "
+    return text + (f"(Paired t-tests over n = {n} seeds, Holm-corrected across {_n(len(results), 'variant')}, "
+                   f"α = {alpha:g}; Δ is in {fmt.label}.)")
+
+
+def determinism(frame: pd.DataFrame) -> str:
+    """What re-runs of an identical config (same fingerprint) say about repeatability."""
+    if frame.empty or "tags.cnnbench.fingerprint" not in frame:
+        return ""
+    done = frame[(frame.get("tags.cnnbench.role") == ROLE_RUN) & (frame.get("tags.cnnbench.status") == "finished")]
+    cols = [c for c in ("metrics.test_accuracy", "metrics.test_loss") if c in done]
+    groups = [g for _, g in done.groupby("tags.cnnbench.fingerprint") if len(g) > 1]
+    if not groups or not cols:
+        return ("No configuration has been run twice, so repeatability is not shown here; on the CPU, cnnbench "
+                "runs with the same config and seed are bit-for-bit identical (tested).")
+    same = sum(bool((g[cols].nunique(dropna=False) == 1).all()) for g in groups)
+    if same == len(groups):
+        return (f"Deterministic: {len(groups)} configuration(s) run more than once gave identical "
+                f"test accuracy and loss every time.")
+    worst = max(float(pd.to_numeric(g[cols[0]]).max() - pd.to_numeric(g[cols[0]]).min()) for g in groups)
+    return (f"Not deterministic: {len(groups) - same} of {len(groups)} configuration(s) run more than once differed "
+            f"(test accuracy by up to {100 * worst:.2f} pp).")
+
+
+def _pairing(suite: Suite) -> str:
+    """Which comparisons share initial weights too: parameter shapes are the same when only the
+    activation or dropout differ (the model is built right after seeding)."""
+    def shape_key(exp):
+        return exp.model.model_dump(exclude={"activation", "dropout", "dropout2d"})
+
+    base = shape_key(suite.experiments[suite.baseline])
+    full = [v for v in suite.variants if v != suite.baseline and shape_key(suite.experiments[v]) == base]
+    order = [v for v in suite.variants if v != suite.baseline and v not in full]
+    text = ""
+    if full:
+        text += "Fully paired (same data order and initial weights): " + ", ".join(f"`{v}`" for v in full) + ". "
+    if order:
+        text += ("Paired by data order only (the architecture differs, so initial weights do): "
+                 + ", ".join(f"`{v}`" for v in order) + ". ")
+    return text.strip()
+
+
+def _ttt_by_seed(suite: Suite, runs: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """variant → seed → time to target (None: not reached), for the profiles in the index."""
+    out = {}
+    for variant in suite.variants:
+        sub = runs[(runs["variant"] == variant) & runs["status"].isin(["finished", "diverged"])]
+        col = sub.get("metrics.time_to_target_s", pd.Series(index=sub.index, dtype=float))
+        out[variant] = {str(int(s)): (None if pd.isna(t) else round(float(t), 4)) for s, t in zip(sub["seed"], col)}
+    return out
+
+
+def plot_forest(suite: Suite, comps: dict, path: Path) -> bool:
+    """Δ of the primary metric vs the baseline with its CI, one line per variant."""
+    results = {v: r for v, r in comps[suite.report.primary].items() if r.n >= 2 and not math.isnan(r.low)}
+    if not results:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmt = metric_format(suite.report.primary)
+    scale = 100 if fmt.fmt == "pct" else 1
+    names = list(results)[::-1]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.4), dpi=110)
+    colors = {"better": "C2", "worse": "C3"}
+    for i, v in enumerate(names):
+        r = results[v]
+        ax.errorbar(r.delta * scale, i, xerr=[[(r.delta - r.low) * scale], [(r.high - r.delta) * scale]], fmt="o",
+                    color=colors.get(r.verdict, "C0"), capsize=4)
+        ax.annotate(f"p={_p(r.p_holm)}", (r.high * scale, i), xytext=(6, -3), textcoords="offset points", fontsize=7)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), names)
+    unit = " (pp)" if fmt.fmt == "pct" else ""
+    ax.set_xlabel(f"Δ {fmt.label} vs {suite.baseline}{unit}, {1 - suite.report.alpha:.0%} CI")
+    ax.set_title(f"{suite.name}: paired differences (green better, red worse, blue no evidence; Holm p)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_pareto(suite: Suite, runs: pd.DataFrame, path: Path) -> bool:
+    """Primary metric against training throughput (mean per variant); the Pareto front is joined."""
+    primary = suite.report.primary
+    points = {}
+    for v in suite.variants:
+        y, x = per_seed(runs, v, primary), per_seed(runs, v, "train_throughput")
+        if y and x:
+            points[v] = (sum(x.values()) / len(x), sum(y.values()) / len(y))
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmt = metric_format(primary)
+    scale = 100 if fmt.fmt == "pct" else 1
+    higher = suite.report.primary_higher_is_better()
+    front = [v for v, (x, y) in points.items()
+             if not any(x2 >= x and (y2 >= y if higher else y2 <= y) and (x2, y2) != (x, y) for x2, y2 in points.values())]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    for i, (v, (x, y)) in enumerate(points.items()):
+        ax.scatter(x, y * scale, color="grey" if v == suite.baseline else f"C{i}", zorder=3,
+                   marker="*" if v in front else "o", s=80 if v in front else 30)
+        ax.annotate(v, (x, y * scale), xytext=(5, 3), textcoords="offset points", fontsize=8)
+    fx = sorted(points[v] for v in front)
+    ax.plot([p[0] for p in fx], [p[1] * scale for p in fx], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("training throughput (images/s, mean over seeds)")
+    ax.set_ylabel(fmt.label + (" (%)" if fmt.fmt == "pct" else ""))
+    ax.set_title(f"{suite.name}: {fmt.label} vs speed (stars: Pareto-optimal)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "reports") -> Path:
@@ -396,7 +593,11 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     curves, bars = reports_dir / f"{suite.name}_curves.png", reports_dir / f"{suite.name}_bars.png"
     has_curves = plot_curves(suite, runs, history, curves)
     has_bars = plot_bars(suite, runs, bars)
-    table, numbers = summary_table(suite, runs)
+    comps = comparisons(suite, runs)
+    table = verdict_table(suite, runs, comps)
+    forest, pareto = reports_dir / f"{suite.name}_forest.png", reports_dir / f"{suite.name}_pareto.png"
+    has_forest = plot_forest(suite, comps, forest)
+    has_pareto = plot_pareto(suite, runs, pareto)
     searches, trials = tuning_frame(suite, frame)
     tuning_png = reports_dir / f"{suite.name}_tuning.png"
     has_tuning_plot = suite.search is not None and plot_tuning(suite, trials, tuning_png)
@@ -414,7 +615,9 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     last_run = (datetime.fromtimestamp(last["start_time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 if last is not None else "–")
-    meta = {"name": suite.name, "question": suite.question, "generated": generated, "primary": suite.report.primary}
+    summary = answer(suite, runs, comps)
+    meta = {"name": suite.name, "question": suite.question, "generated": generated, "primary": suite.report.primary,
+            "answer": summary, "time_to_target": _ttt_by_seed(suite, runs)}
 
     lines = [
         f"{META_PREFIX}{json.dumps(meta)} -->",
@@ -422,7 +625,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         "",
         f"**Question.** {suite.question}",
         "",
-        f"**Answer.** {_summary_sentence(suite, numbers)}",
+        f"**Answer.** {summary}",
         "",
     ]
     if suite.description:
@@ -442,12 +645,23 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         "",
         "## Results",
         "",
-        "Mean ± standard deviation over finished seeds. Δ is the mean of the paired differences "
-        "(same seed: same data order and, for the same architecture, the same initial weights) "
-        "± their standard deviation. Diverged, failed and skipped runs are counted in the seeds column and left out "
+        f"Each variant against the baseline, paired by seed. {_pairing(suite)} The {suite.report.primary} column "
+        f"is the mean over finished seeds with a t-interval; Δ is the mean paired difference with a t-interval on "
+        f"the differences; p is the paired t-test, Holm-corrected across the {_n(len(suite.variants) - 1, 'variant')}; the "
+        f"verdict is at α = {suite.report.alpha:g}. Time to target is the Kaplan–Meier median of the training time "
+        "until validation accuracy first reaches the target: runs that never reach it count as censored at their "
+        "training time, not dropped. Diverged, failed and skipped runs are counted in the last column and left out "
         "of the means.",
         "",
         to_markdown(table),
+        "",
+        determinism(frame),
+        "",
+        "<details><summary>Every metric: paired Δ, p, Holm p, Wilcoxon p (n ≥ 6), verdict</summary>",
+        "",
+        to_markdown(metrics_table(suite, runs, comps)),
+        "",
+        "</details>",
         "",
     ]
     if suite.search is not None:
@@ -463,12 +677,16 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
             reason = r.get("tags.cnnbench.reason") if isinstance(r.get("tags.cnnbench.reason"), str) else ""
             lines.append(f"- `{r['variant']}/seed{r['seed']}`: {r['status']}{' — ' + reason if reason else ''}")
         lines.append("")
-    if has_curves or has_bars:
+    if has_curves or has_bars or has_forest or has_pareto:
         lines += ["## Plots", ""]
+        if has_forest:
+            lines += [f"![paired differences with confidence intervals]({forest.name})", ""]
         if has_curves:
             lines += [f"![learning curves]({curves.name})", ""]
         if has_bars:
             lines += [f"![{suite.report.primary} per variant]({bars.name})", ""]
+        if has_pareto:
+            lines += [f"![{suite.report.primary} against training throughput]({pareto.name})", ""]
     if suite.search is not None:
         lines += tuning_lines(suite, searches, trials, tuning_png if has_tuning_plot else None)
     lines += ["## Variants", "", "Each variant changes the baseline by:", ""]
@@ -500,9 +718,10 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
 
 
 def write_index(reports_dir: str | Path) -> Path:
-    """``reports/README.md``: one line per report, read from each report's metadata comment."""
+    """``reports/README.md``: one line per report with its answer, read from each report's metadata
+    comment, and the performance profiles of time-to-target across suites."""
     reports_dir = Path(reports_dir)
-    rows = []
+    rows, metas = [], []
     for md in sorted(reports_dir.glob("*.md")):
         if md.name == "README.md":
             continue
@@ -510,20 +729,72 @@ def write_index(reports_dir: str | Path) -> Path:
         if not first.startswith(META_PREFIX):
             continue
         meta = json.loads(re.sub(r"\s*-->\s*$", "", first.removeprefix(META_PREFIX)))
-        rows.append(f"| [{meta['name']}]({md.name}) | {meta['question']} | {meta['primary']} | {meta['generated']} |")
-    text = "\n".join(
-        [
-            "# Reports",
+        metas.append(meta)
+        rows.append(f"| [{meta['name']}]({md.name}) | {meta['question']} | {meta.get('answer', '–')} | {meta['generated']} |")
+    lines = [
+        "# Reports",
+        "",
+        "Generated by `cnnbench run` / `cnnbench report` from the runs recorded in MLflow. Do not edit by hand.",
+        "",
+        "| report | question | answer | generated |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    profile = reports_dir / "profiles.png"
+    if plot_profiles(metas, profile):
+        lines += [
+            "## Performance profiles (time to target)",
             "",
-            "Generated by `cnnbench run` / `cnnbench report` from the runs recorded in MLflow. Do not edit by hand.",
+            "AlgoPerf-style: for each suite, a case is one seed; a variant's curve at τ is the fraction of cases "
+            "in which it reached the suite's validation target within τ× the training time of the fastest variant "
+            "of that case. Higher and further left is better; a curve that stays below 1 did not reach the target "
+            "in some cases (or was never fastest enough).",
             "",
-            "| report | question | primary metric | generated |",
-            "|---|---|---|---|",
-            *rows,
+            f"![performance profiles]({profile.name})",
             "",
         ]
-    )
     index = reports_dir / "README.md"
-    index.write_text(text)
+    index.write_text("\n".join(lines))
     return index
 
+
+def plot_profiles(metas: list[dict], path: Path) -> bool:
+    """One panel per suite with a time-to-target record; one line per variant, τ in [1, 4]."""
+    import numpy as np
+
+    panels = []
+    for meta in metas:
+        ttt = meta.get("time_to_target") or {}
+        seeds = sorted({s for per in ttt.values() for s in per}, key=int)
+        if not seeds or not any(t is not None for per in ttt.values() for t in per.values()):
+            continue
+        times = {v: [math.inf if per.get(s) is None else per[s] for s in seeds] for v, per in ttt.items() if per}
+        panels.append((meta["name"], times))
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus = np.linspace(1, 4, 121)
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), dpi=100, squeeze=False, sharey=True)
+    for ax, (name, times) in zip(axes.flat, panels):
+        for i, (variant, rho) in enumerate(stats.performance_profile(times, taus).items()):
+            ax.step(taus, rho, where="post", label=variant, color=f"C{i}", lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("τ (× fastest time to target)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("fraction of cases")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

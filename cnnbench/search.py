@@ -174,14 +174,21 @@ def tune_variant(suite: Suite, variant: str, tracker: Tracker, exp_id: str, pare
     search_run = _search_run(tracker, exp_id, parent_id, suite, variant, name, exp, space)
     result = TuningResult(variant, name, None, None, search_run_id=search_run)
 
-    while (done := sum(_counted(t) for t in study.get_trials(deepcopy=False))) < search.trials:
-        trial = study.ask()
-        spec = RunSpec(suite.name, variant, TUNING_SEED_BASE, exp, study=name, trial=trial.number)
-        events.trial_start(spec, done, search.trials)
-        state, value, message = _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search_run,
-                                           load_split, device, events, spec)
-        result.ran += 1
-        events.trial_end(spec, state, value, message)
+    from cnnbench.runner import Interrupted
+
+    try:
+        while (done := sum(_counted(t) for t in study.get_trials(deepcopy=False))) < search.trials:
+            trial = study.ask()
+            spec = RunSpec(suite.name, variant, TUNING_SEED_BASE, exp, study=name, trial=trial.number)
+            events.trial_start(spec, done, search.trials)
+            state, value, message = _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search_run,
+                                               load_split, device, events, spec)
+            result.ran += 1
+            events.trial_end(spec, state, value, message)
+    except (KeyboardInterrupt, Interrupted):
+        tracker.log(search_run, tags={"cnnbench.status": "killed"})
+        tracker.end_run(search_run, "KILLED")  # reused, and finished, when the search resumes
+        raise
 
     trials = [t for t in study.get_trials(deepcopy=False) if _counted(t)]
     result.counts = Counter(_state_name(t) for t in trials)

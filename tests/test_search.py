@@ -3,6 +3,7 @@
 import uuid
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -90,6 +91,11 @@ def test_every_variant_gets_the_same_trials_nested_under_its_search_run(tmp_path
         assert search["metrics.best_value"] == pytest.approx(study.best_value)
         assert search["metrics.trials_complete"] == 3 and final["tags.cnnbench.tuned"] == "true"
         assert final["metrics.test_accuracy"] > 0
+    # two parameters and three complete trials: importances (pinned fANOVA) are logged for adam only
+    adam = searches[searches["tags.cnnbench.variant"] == "adam"].iloc[0]
+    sgd = searches[searches["tags.cnnbench.variant"] == "sgd"].iloc[0]
+    assert adam["metrics.importance.optimizer.lr"] + adam["metrics.importance.optimizer.betas.0"] == pytest.approx(1)
+    assert pd.isna(sgd.get("metrics.importance.optimizer.lr"))
     assert float(finals[finals["tags.cnnbench.variant"] == "adam"].iloc[0]["params.optimizer.betas"].strip("[]").split(",")[0]) \
         == pytest.approx(studies["adam"].best_params["optimizer.betas.0"])
 
@@ -232,3 +238,56 @@ def test_grid_needs_steps_and_search_space_needs_a_search(tmp_path):
     text = text[: text.index("search:")] + text[text.index("variants:"):]
     with pytest.raises(SuiteError, match="search_space needs a top-level 'search' section"):
         load_suite(write_suite(tmp_path / "s.yaml", text), registries=all_registries())
+
+
+@pytest.mark.slow
+def test_interrupted_trial_is_killed_not_counted_and_run_again(workdir):
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    text = SEARCH_SUITE.format(name="interrupted", trials=2, sampler="random", sampler_seed=0, pruner="none",
+                               space=LR_SPACE, adam_space="").replace("epochs: 2", "epochs: 25")
+    text = text.replace("  adam: {optimizer: {name: adam, momentum: 0.0}}\n", "")
+    path = write_suite(workdir / "s.yaml", text)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "cnnbench", "run", str(path), "-q", "--no-report"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    query = ("SELECT count(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+             "WHERE t.key = 'cnnbench.role' AND t.value = 'trial' AND r.status = 'RUNNING'")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with sqlite3.connect(f"file:{workdir / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+                    if con.execute(query).fetchone()[0]:
+                        break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.2)
+        time.sleep(0.5)  # into the first epochs
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    tracker = Tracker(f"sqlite:///{workdir}/mlflow.db")
+    roles = runs_by_role(tracker, "interrupted")
+    assert list(roles["trial"]["status"]) == ["KILLED"] and list(roles["search"]["status"]) == ["KILLED"]
+    suite = load_suite(path, registries=all_registries())
+    storage = open_storage(str(workdir / "optuna.journal"))
+    [killed] = optuna.load_study(study_name=study_name(suite, "sgd"), storage=storage).trials
+    assert killed.state == TrialState.FAIL and killed.user_attrs["interrupted"]
+
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trials = optuna.load_study(study_name=study_name(suite, "sgd"), storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    roles = runs_by_role(tracker, "interrupted")
+    assert list(roles["search"]["status"]) == ["FINISHED"] and roles["search"]["metrics.trials_complete"].item() == 2
+    assert sorted(roles["trial"]["status"]) == ["FINISHED", "FINISHED", "KILLED"]

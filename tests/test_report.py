@@ -1,0 +1,96 @@
+"""Reports rendered from a real SQLite MLflow store built here with fixed metrics (golden output)."""
+
+import re
+from pathlib import Path
+
+from cnnbench.config import load_suite, plan
+from cnnbench.registry import all_registries
+from cnnbench.report import build_report
+from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, Tracker
+from tests.conftest import TINY_SUITE, write_suite
+
+GOLDEN = Path(__file__).parent / "golden" / "report_tiny.md"
+# test accuracy per (variant, seed): adam is better on every seed, by 1.0-1.4 pp
+ACC = {("sgd", 0): 0.900, ("sgd", 1): 0.910, ("sgd", 2): 0.905,
+       ("adam", 0): 0.912, ("adam", 1): 0.922, ("adam", 2): 0.919}
+
+
+def record(tracker, suite, results):
+    """Write runs as the runner does (tags, params, final metrics and one epoch of history)."""
+    exp_id = tracker.experiment_id(suite.name)
+    parent = tracker.start_run(exp_id, "tiny @ fixed", {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE})
+    tracker.log(parent, params={"env.cpu": "test CPU", "env.torch_threads": "2", "env.command": "cnnbench run tiny.yaml"})
+    for spec in plan(suite):
+        status, metrics = results.get((spec.variant, spec.seed), ("missing", None))
+        if status == "missing":
+            continue
+        run = tracker.start_run(exp_id, spec.run_name, {
+            "cnnbench.suite": suite.name, "cnnbench.role": ROLE_RUN, "cnnbench.variant": spec.variant,
+            "cnnbench.seed": str(spec.seed), "cnnbench.fingerprint": spec.fingerprint, "cnnbench.plan_key": spec.plan_key,
+            "cnnbench.status": status, "cnnbench.device": "cpu"}, parent)
+        tracker.log(run, metrics={"val_accuracy": (metrics or {}).get("test_accuracy", 0.1), "train_time_cum_s": 1.0},
+                    step=1)
+        if metrics:
+            tracker.log(run, metrics=metrics, step=1)
+        tracker.end_run(run)
+    tracker.end_run(parent)
+
+
+def normalized(text: str) -> str:
+    text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)? UTC", "<time>", text)
+    text = re.sub(r"\b[0-9a-f]{32}\b", "<run id>", text)
+    return re.sub(r"sqlite:///\S+", "<store>", text)
+
+
+def test_report_matches_the_golden_file(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 3")),
+                       registries=all_registries())
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    results = {k: ("finished", {"test_accuracy": v, "test_loss": 1 - v, "f1_macro": v - 0.001,
+                                "train_time_s": 2.0 + k[1] * 0.1, "train_throughput": 1000.0 + 10 * k[1],
+                                "params": 61706.0, "peak_memory_bytes": 2.0**30,
+                                **({"time_to_target_s": 1.0 + k[1]} if k != ("sgd", 2) else {})})
+               for k, v in ACC.items()}
+    record(tracker, suite, results)
+    text = normalized(build_report(suite, tracker, tmp_path / "reports").read_text())
+    if not GOLDEN.exists():  # first run writes it: review it, then commit it
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    assert "Better than it: `adam` (+1.27 pp [" in text
+    # sgd seed 2 never reached the target: censored at its 2.2 s, not dropped (which would say 1.5 s)
+    assert "| 2.00 s (2/3 reached)" in text
+    for png in ("tiny_curves.png", "tiny_bars.png", "tiny_forest.png", "tiny_pareto.png"):
+        assert (tmp_path / "reports" / png).stat().st_size > 1000
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert "Better than it: `adam`" in index and "profiles.png" in index
+
+
+def test_reports_with_zero_or_one_finished_run_render_and_say_why(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE), registries=all_registries())
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    record(tracker, suite, {("sgd", 0): ("diverged", {"diverged_epoch": 1.0})})
+    text = build_report(suite, tracker, tmp_path / "r0").read_text()
+    assert "The baseline `sgd` has no finished runs yet, so no variant can be compared with it." in text
+    assert "0/1/0/0 (1 missing)" in text
+
+    record(tracker, suite, {("sgd", 0): ("finished", {"test_accuracy": 0.9}),
+                            ("adam", 0): ("finished", {"test_accuracy": 0.95})})
+    text = build_report(suite, tracker, tmp_path / "r1").read_text()
+    assert "Too few paired seeds to judge `adam`" in text
+    assert "too few paired seeds (n=1)" in text
+
+
+def test_running_a_suite_twice_gives_identical_metrics_and_the_report_says_so(cli, workdir):
+    path = write_suite(workdir / "tiny.yaml", TINY_SUITE)
+    assert cli("run", path, "-q").exit_code == 0
+    assert cli("run", path, "-q", "--rerun").exit_code == 0
+    frame = Tracker("sqlite:///mlflow.db").runs_frame("tiny")
+    runs = frame[frame["tags.cnnbench.role"] == ROLE_RUN]
+    timing = ("_s", "_throughput", "_bytes")  # clocks and memory vary; everything learned must not
+    cols = [c for c in runs if c.startswith("metrics.") and not c.endswith(timing) and runs[c].notna().any()]
+    assert len(runs) == 8 and "metrics.test_accuracy" in cols and "metrics.test_loss" in cols
+    for _, pair in runs.groupby("tags.cnnbench.fingerprint"):
+        assert len(pair) == 2
+        assert pair[cols].nunique(dropna=False).eq(1).all(), pair[cols].T  # bit-for-bit equal
+    text = (workdir / "reports" / "tiny.md").read_text()
+    assert "Deterministic: 4 configuration(s) run more than once gave identical test accuracy and loss" in text
