@@ -97,7 +97,14 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
     spec = _load(suite, overrides)
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
-    from cnnbench.runner import Interrupted, preload_data, run_suite
+    from cnnbench.runner import (
+        Interrupted,
+        clear_interrupt,
+        interrupt_requested,
+        preload_data,
+        request_interrupt,
+        run_suite,
+    )
     from cnnbench.search import StorageUnavailable
 
     if device is not None:
@@ -117,10 +124,14 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         _fail(str(e))
     tracker = _tracker(tracking_uri)
 
-    def on_sigterm(signum, frame):
-        raise Interrupted(143)
+    def on_signal(signum, frame):
+        code = 143 if signum == signal.SIGTERM else 130
+        if interrupt_requested():  # a second Ctrl-C: stop now, wherever we are
+            raise Interrupted(code)
+        request_interrupt(code)  # acted on at the next batch
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    clear_interrupt()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     from cnnbench.progress import RichEvents
 
     events = RichEvents(quiet=quiet)
@@ -136,7 +147,11 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
                    f"run the same command again to continue.", err=True)
         sys.exit(e.exit_code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if interrupt_requested():  # the signal came after the last run's last batch: honour it, skip the report
+        click.echo("interrupted after the last run finished; no report written", err=True)
+        sys.exit(interrupt_requested())
     counts = ", ".join(f"{n} {s}" for s, n in sorted(outcome.counts.items())) or "nothing to run"
     click.echo(f"{spec.name}: {counts}; {outcome.reused} reused from earlier runs; "
                f"{outcome.wall_s:.1f} s ({outcome.mlflow_s:.2f} s in MLflow); tracking {tracker.uri}")

@@ -394,7 +394,7 @@ def tuning_lines(suite: Suite, searches: pd.DataFrame, trials: pd.DataFrame, plo
         counts = "/".join(str(int(num(r, f"trials_{k}"))) for k in ("complete", "pruned", "failed"))
         rows.append({
             "variant": r.name, "best values": best_txt,
-            f"best val {fmt.label}": fmt(num(r, "best_value", float("nan"))) if best else "–",
+            f"best {fmt.label}": fmt(num(r, "best_value", float("nan"))) if best else "–",
             "trials complete/pruned/failed": counts,
             "epochs trained": f"{int(num(r, 'epochs_run'))}",
             "epochs saved by pruning": f"{int(num(r, 'epochs_saved_by_pruning'))} ({num(r, 'epochs_saved_fraction'):.0%})",

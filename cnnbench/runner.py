@@ -28,6 +28,30 @@ class Interrupted(BaseException):
         self.exit_code = exit_code
 
 
+_requested: list[int] = []  # exit codes of signals received while a suite runs
+
+
+def request_interrupt(code: int) -> None:
+    """Called from a signal handler: only records the request. Raising there could land inside a
+    garbage-collector callback, where Python ignores the exception; the runner checks the flag at
+    every batch and epoch instead and raises :class:`Interrupted` from a safe place."""
+    _requested.append(code)
+
+
+def interrupt_requested() -> int | None:
+    """The exit code of the first signal received, if any."""
+    return _requested[0] if _requested else None
+
+
+def raise_if_interrupted() -> None:
+    if _requested:
+        raise Interrupted(_requested[0])
+
+
+def clear_interrupt() -> None:
+    _requested.clear()
+
+
 class Events:
     """Progress hooks; the CLI subclasses this with a rich display. All no-ops here."""
 
@@ -115,6 +139,7 @@ def run_suite(
         outcome.reused = len(specs) - len(todo)
         events.suite_start(suite, specs, outcome.reused)
         for i, spec in enumerate(todo):
+            raise_if_interrupted()
             events.run_start(spec, i, len(todo))
             status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events)
             outcome.counts[status] += 1
@@ -200,10 +225,12 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     def on_epoch(record: dict) -> None:
         buffered.log_epoch(record)
         events.epoch(spec, record)
+        raise_if_interrupted()
 
     try:
         split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
-        result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=events.batch)
+        result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=lambda done, total: (
+            raise_if_interrupted(), events.batch(done, total)))
     except (KeyboardInterrupt, Interrupted):
         buffered.flush(tags={"cnnbench.status": "killed"})
         tracker.end_run(run_id, "KILLED")

@@ -174,10 +174,11 @@ def tune_variant(suite: Suite, variant: str, tracker: Tracker, exp_id: str, pare
     search_run = _search_run(tracker, exp_id, parent_id, suite, variant, name, exp, space)
     result = TuningResult(variant, name, None, None, search_run_id=search_run)
 
-    from cnnbench.runner import Interrupted
+    from cnnbench.runner import Interrupted, raise_if_interrupted
 
     try:
         while (done := sum(_counted(t) for t in study.get_trials(deepcopy=False))) < search.trials:
+            raise_if_interrupted()
             trial = study.ask()
             spec = RunSpec(suite.name, variant, TUNING_SEED_BASE, exp, study=name, trial=trial.number)
             events.trial_start(spec, done, search.trials)
@@ -224,7 +225,7 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
     import optuna
     from optuna.trial import TrialState
 
-    from cnnbench.runner import Interrupted
+    from cnnbench.runner import Interrupted, raise_if_interrupted
     from cnnbench.train import train
 
     search = suite.search
@@ -265,9 +266,10 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
                     trial.report(record[search.metric], int(record["epoch"]))
                     if trial.should_prune():
                         raise optuna.TrialPruned()
+                raise_if_interrupted()
 
-            run = train(cfg, TUNING_SEED_BASE + k, split, device, on_epoch=on_epoch, on_batch=events.batch,
-                        evaluate_test=False)
+            run = train(cfg, TUNING_SEED_BASE + k, split, device, on_epoch=on_epoch, evaluate_test=False,
+                        on_batch=lambda done, total: (raise_if_interrupted(), events.batch(done, total)))
             if run.status == "diverged":
                 return finish(TrialState.FAIL, None, "FINISHED", run.message)
             values.append(run.history[-1][search.metric])

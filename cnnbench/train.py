@@ -135,7 +135,7 @@ def train(
             if interval == "batch":
                 scheduler.step()
             loss_sum += loss.detach() * (hi - lo)
-            if on_batch is not None and b % 20 == 0:
+            if on_batch is not None:  # progress, and the runner's check for Ctrl-C / SIGTERM
                 on_batch(b, batches_per_epoch)
         devices.synchronize(device)
         train_time += time.perf_counter() - t0
