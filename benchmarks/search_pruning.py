@@ -8,6 +8,7 @@
    and of MLflow per trial (from the tracker's timed calls in the real searches above).
 
     python benchmarks/search_pruning.py [--trials 24] [--epochs 4] [--dataset mnist] [--limit-train 10000]
+        [--pruners median,hyperband,successive_halving]
 """
 
 from __future__ import annotations
@@ -97,22 +98,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--limit-train", type=int, default=10000)
+    ap.add_argument("--pruners", default="median", help="comma-separated pruners to compare with no pruning")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = run_search(args, "none", tmp)
-        pruned = run_search(args, "median", tmp)
+        pruned_runs = {p: run_search(args, p, tmp) for p in args.pruners.split(",")}
         journal = storage_overhead(str(tmp / "overhead.journal"), 50, args.epochs)
         sqlite = storage_overhead(f"sqlite:///{tmp}/overhead.db", 50, args.epochs)
-    saved = 1 - pruned["epochs"] / full["epochs"]
-    gap_pp = 100 * (full["best"] - pruned["best"])
     print(f"search: {args.trials} trials × ≤{args.epochs} epochs, LeNet-5 on {args.dataset} "
           f"({args.limit_train} training images), TPE seed 0, lr (log) + momentum")
-    for label, r in (("no pruning  ", full), ("median prune", pruned)):
-        print(f"  {label}: best val acc {100 * r['best']:.2f}%, {r['epochs']} epochs trained, {r['wall']:.1f} s, "
+    for label, r in (("none", full), *pruned_runs.items()):
+        print(f"  {label:<18}: best val acc {100 * r['best']:.2f}%, {r['epochs']} epochs trained, {r['wall']:.1f} s, "
               f"trials {r['counts']}, MLflow {r['mlflow_per_trial_ms']:.1f} ms/trial")
-    print(f"epochs saved by pruning: {saved:.1%} (target ≥ 50%); wall time saved {1 - pruned['wall'] / full['wall']:.1%}")
-    print(f"best validation accuracy gap: {gap_pp:+.2f} pp (no pruning − pruning; target ≤ 0.3 pp)")
+    for label, pruned in pruned_runs.items():
+        saved = 1 - pruned["epochs"] / full["epochs"]
+        gap_pp = 100 * (full["best"] - pruned["best"])
+        print(f"{label}: epochs saved {saved:.1%} (target ≥ 50%), wall time saved {1 - pruned['wall'] / full['wall']:.1%}, "
+              f"best validation accuracy gap {gap_pp:+.2f} pp (no pruning − pruning; target ≤ 0.3 pp)")
     print(f"storage per trial (ask + {args.epochs} reports + tell), median of 50: journal {journal:.1f} ms, "
           f"SQLite {sqlite:.1f} ms")
 
