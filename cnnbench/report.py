@@ -455,15 +455,24 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict) -> str:
             text += "No variant differs detectably from it: "
         else:
             text += "No evidence of a difference for "
-        text += ", ".join(f"`{v}` ({fmt.delta(results[v].delta)})" for v in unclear) + ". "
+        text += ", ".join(cite(v).replace(f", p = {_p(results[v].p_holm)}", "") for v in unclear) + ". "
     if few:
         text += "Too few paired seeds to judge " + ", ".join(f"`{v}`" for v in few) + ". "
+    speed = comps.get("train_throughput", {})
+    base_speed = list(per_seed(runs, suite.baseline, "train_throughput").values())
+    if base_speed and primary != "train_throughput":
+        base_rate = sum(base_speed) / len(base_speed)
+        moved = [(v, r) for v, r in speed.items() if r.verdict in ("better", "worse")]
+        text += f"Training throughput: baseline {base_rate:,.0f} img/s" + (
+            "; " + ", ".join(f"`{v}` {100 * r.delta / base_rate:+.0f}%" for v, r in moved) + " (significant)"
+            if moved else ", no significant change") + ". "
     problems = runs[runs["status"].isin(["diverged", "failed", "skipped"])]
     for variant, sub in problems.groupby("variant", sort=False):
         total = int((runs["variant"] == variant).sum())
         text += f"`{variant}`: {', '.join(f'{c} {s}' for s, c in sub['status'].value_counts().items())} of {total} seeds. "
     return text + (f"(Paired t-tests over n = {n} seeds, Holm-corrected across {_n(len(results), 'variant')}, "
-                   f"α = {alpha:g}; Δ is in {fmt.label}.)")
+                   f"α = {alpha:g}; Δ is in {fmt.label} with its {1 - alpha:.0%} interval for that comparison alone — "
+                   "verdicts use the Holm-adjusted p, so an interval can exclude 0 without a verdict.)")
 
 
 def determinism(frame: pd.DataFrame) -> str:
