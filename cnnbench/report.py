@@ -341,8 +341,13 @@ def plot_tuning(suite: Suite, trials: pd.DataFrame, path: Path) -> bool:
     fmt = metric_format(metric)
     scale = 100 if fmt.fmt == "pct" else 1
     names = [v for v in suite.variants if v in set(trials["variant"])]
-    fig, axes = plt.subplots(1, len(names), sharey=True, figsize=(2.9 * len(names) + 1, 3.2), dpi=110, squeeze=False)
-    for ax, variant in zip(axes[0], names):
+    cols = min(4, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, sharey=True, figsize=(3.2 * cols + 1, 2.9 * nrows + 0.4), dpi=110,
+                             squeeze=False)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    for ax, variant in zip(axes.flat, names):
         t = trials[trials["variant"] == variant].sort_values("trial")
         state = t.get("tags.cnnbench.trial_state", pd.Series(dtype=str))
         done = t[state == "complete"]
@@ -357,7 +362,8 @@ def plot_tuning(suite: Suite, trials: pd.DataFrame, path: Path) -> bool:
             ax.step(done["trial"], best, where="post", color="C3", label="best so far")
         ax.set_title(variant, fontsize=9)
         ax.set_xlabel("trial")
-    axes[0][0].set_ylabel(f"validation {fmt.label}" + (" (%)" if fmt.fmt == "pct" else ""))
+    for row in axes:
+        row[0].set_ylabel(fmt.label + (" (%)" if fmt.fmt == "pct" else ""))
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{suite.name}: optimization history ({suite.search.sampler}, {suite.search.pruner} pruner)", fontsize=9)
     fig.tight_layout()
