@@ -163,7 +163,7 @@ def test_bad_override_missing_file_and_forced_absent_device(cli, workdir):
 def test_validate_prints_the_plan_and_list_prints_registries(cli):
     result = cli("validate", SUITES / "quickstart.yaml")
     assert result.exit_code == 0
-    assert "4 variants × 3 seeds (0, 1, 2) = 12 runs" in result.output and "total: 60 epochs" in result.output
+    assert "4 variants × 5 seeds (0, 1, 2, 3, 4) = 20 runs" in result.output and "total: 100 epochs" in result.output
     result = cli("list")
     assert result.exit_code == 0
     for word in ("datasets:", "models:", "lenet5", "mnist_net", "optimizers:", "schedules:", "cosine", "augmentations:"):

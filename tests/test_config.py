@@ -44,13 +44,13 @@ def test_override_values_are_typed_as_yaml():
 def test_quickstart_loads_and_variants_are_merged_over_base():
     suite = load(SUITES / "quickstart.yaml")
     assert suite.name == "quickstart"
-    assert suite.seed_list() == [0, 1, 2]
+    assert suite.seed_list() == [0, 1, 2, 3, 4]
     assert suite.experiments["batchnorm"].model.norm == "batch"
     assert suite.experiments["batchnorm"].model.name == "lenet5"  # kept from base
     assert suite.experiments["adam"].optimizer.lr == 0.001
     assert suite.experiments["augment"].data.augment == ["random_crop", "rotation"]
     specs = plan(suite)
-    assert len(specs) == 12 and specs[0].run_name == "baseline/seed0" and specs[0].is_baseline
+    assert len(specs) == 20 and specs[0].run_name == "baseline/seed0" and specs[0].is_baseline
 
 
 def test_set_overrides_apply_before_validation():
