@@ -582,7 +582,7 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
         raise SuiteError(problems)
     for name, override in suite.variants.items():
         suite.experiments[name] = Experiment.model_validate(deep_merge(data["base"], override or {}), context=context)
-    problems = _search_problems(suite, own_spaces, data, locator, context)
+    problems = _search_problems(suite, own_spaces, locator, context)
     if problems:
         raise SuiteError(problems)
     suite.source = source
@@ -612,7 +612,7 @@ def set_dotted(config: dict, key: str, value: Any) -> dict:
     return out
 
 
-def _search_problems(suite: Suite, own_spaces: dict, data: dict, locator: _Locator, context: dict) -> list[Problem]:
+def _search_problems(suite: Suite, own_spaces: dict, locator: _Locator, context: dict) -> list[Problem]:
     """Each variant's space is valid and every key lands on a real setting of its experiment."""
     problems: list[Problem] = []
     for name in suite.variants:

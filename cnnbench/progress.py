@@ -45,7 +45,7 @@ class RichEvents(Events):
         self.run_task = self.progress.add_task(f"  {spec.run_name}", total=self.epochs)
 
     def batch(self, done: int, total: int) -> None:
-        if self.run_task is not None:
+        if self.run_task is not None and done % 20 == 0:  # called every batch; the bar needs far fewer updates
             self.progress.update(self.run_task, completed=self.epochs_done + done / total)
 
     def epoch(self, spec: RunSpec, record: dict) -> None:

@@ -52,6 +52,16 @@ def clear_interrupt() -> None:
     _requested.clear()
 
 
+def interruptible(on_batch):
+    """A per-batch hook that first honours a pending Ctrl-C / SIGTERM."""
+
+    def hook(done: int, total: int) -> None:
+        raise_if_interrupted()
+        on_batch(done, total)
+
+    return hook
+
+
 class Events:
     """Progress hooks; the CLI subclasses this with a rich display. All no-ops here."""
 
@@ -229,8 +239,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
 
     try:
         split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
-        result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=lambda done, total: (
-            raise_if_interrupted(), events.batch(done, total)))
+        result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch))
     except (KeyboardInterrupt, Interrupted):
         buffered.flush(tags={"cnnbench.status": "killed"})
         tracker.end_run(run_id, "KILLED")

@@ -90,7 +90,10 @@ def test_torchvision_pretrained_weights_from_a_local_file(tmp_path):
     with pytest.raises(ValueError, match="not a state dict of resnet18"):
         make("torchvision.resnet18", weights_path=str(path))
 
-    torch.save({"fc.weight": torch.zeros(3)}, path)
+    torch.save({"conv1.weight": torch.zeros(3)}, path)  # a backbone tensor of the wrong shape is refused
+    with pytest.raises(ValueError, match="shapes differ from resnet18 at \\['conv1.weight'\\]"):
+        make("torchvision.resnet18", weights_path=str(path))
+
     torch.save({"obj": object()}, tmp_path / "pickled.pt")
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
         make("torchvision.resnet18", weights_path=str(tmp_path / "pickled.pt"))
