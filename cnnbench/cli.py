@@ -73,7 +73,7 @@ def main() -> None:
 @data_dir_option
 @reports_option
 @click.option("--rerun", is_flag=True, help="Run again (variant, seed) pairs that already finished with the same config.")
-@click.option("--device", default=None, help="Force a device for every run (cpu, cuda, cuda:N, mps); an absent one is an error.")
+@click.option("--device", default=None, help="Force a device for every run (cpu, cuda, cuda:N, mps, xla); an absent one is an error.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
 @click.option("--no-report", is_flag=True, help="Do not write the report.")
 @click.option("--no-search", is_flag=True, help="Skip the suite's Optuna search: run the values written in the YAML.")
@@ -113,7 +113,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         from cnnbench.config import DEVICE_PATTERN
 
         if not re.match(DEVICE_PATTERN, device) or device == "auto":
-            _fail(f"--device '{device}' is not a device; use cpu, cuda, cuda:N or mps")
+            _fail(f"--device '{device}' is not a device; use cpu, cuda, cuda:N, mps or xla")
         try:
             devices.resolve(device)
         except devices.DeviceUnavailable as e:

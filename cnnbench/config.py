@@ -37,6 +37,10 @@ FINGERPRINT_VERSION = 1
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|xla|cuda(:\d+)?)$"
 
+# (section, key) of settings added after FINGERPRINT_VERSION 1; see Experiment.identity
+ADDED_AFTER_V1 = [("train", k) for k in ("precision", "channels_last", "compile", "compile_mode", "deterministic",
+                                         "cudnn_benchmark")]
+
 
 # ───────────────────────────── schema ─────────────────────────────
 
@@ -187,6 +191,13 @@ class TrainConfig(Strict):
     grad_clip_norm: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
     early_stopping_patience: PositiveInt | None = Field(
         None, description="stop when validation loss has not improved for N epochs (the final model is tested)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="torch.autocast dtype for forward + loss (fp16 adds a GradScaler); evaluation uses it too")
+    channels_last: bool = Field(False, description="NHWC memory format for the model and its 4-D inputs")
+    compile: bool = Field(False, description="torch.compile the training step's model (compile time: its own metric)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms for this run")
+    cudnn_benchmark: bool = Field(False, description="torch.backends.cudnn.benchmark for this run (CUDA only)")
 
 
 class Experiment(Strict):
@@ -199,11 +210,19 @@ class Experiment(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
 
+    def identity(self) -> dict:
+        """The config as fingerprints see it: keys added after FINGERPRINT_VERSION 1 are left out while
+        they hold their default — what every earlier run did — so those runs stay reusable."""
+        dump = self.model_dump(mode="json")
+        for section, key in ADDED_AFTER_V1:
+            default = type(getattr(self, section)).model_fields[key].default
+            if dump[section].get(key, default) == default:
+                dump[section].pop(key, None)
+        return dump
+
     def fingerprint(self, seed: int) -> str:
         """Identity of a (config, seed) run: a finished run with the same fingerprint is reused."""
-        blob = json.dumps(
-            {"v": FINGERPRINT_VERSION, "seed": seed, "config": self.model_dump(mode="json")}, sort_keys=True
-        )
+        blob = json.dumps({"v": FINGERPRINT_VERSION, "seed": seed, "config": self.identity()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -746,7 +765,7 @@ def search_fingerprint(suite: Suite, variant: str) -> str:
         "v": FINGERPRINT_VERSION,
         "search": suite.search.model_dump(mode="json", exclude={"trials", "space"}),
         "space": {k: v.model_dump(mode="json") for k, v in sorted(suite.search_space(variant).items())},
-        "config": suite.experiments[variant].model_dump(mode="json"),
+        "config": suite.experiments[variant].identity(),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -44,7 +44,7 @@ def capsule(device=None, command: str | None = None) -> dict[str, str]:
     import torch
 
     from cnnbench import __version__
-    from cnnbench.devices import cpu_model, describe
+    from cnnbench.devices import cpu_flags, cpu_model, describe
 
     env = {
         "cnnbench": __version__,
@@ -56,6 +56,7 @@ def capsule(device=None, command: str | None = None) -> dict[str, str]:
         "numpy": _version("numpy"),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "hostname": platform.node(),

@@ -178,6 +178,7 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
     from cnnbench import data as datamod
     from cnnbench import devices
     from cnnbench.search import configure, tune_variant
+    from cnnbench.train import check_supported
 
     def load_split(cfg):
         return datamod.split(datamod.load(cfg.data, data_dir), cfg.data.val_fraction, cfg.data.limit_train)
@@ -186,6 +187,7 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
     for name, exp in suite.experiments.items():
         try:
             device = devices.resolve(device_override or exp.device)
+            check_supported(exp, device)
         except devices.DeviceUnavailable:
             continue  # not tuned: its seeded runs are recorded as skipped with the reason
         result = tune_variant(suite, name, tracker, exp_id, parent, storage, load_split, device, events)
@@ -199,7 +201,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     """Train one (variant, seed) and record it; returns (status, final metrics, message)."""
     from cnnbench import data as datamod
     from cnnbench import devices
-    from cnnbench.train import train
+    from cnnbench.train import check_supported, train
 
     exp = spec.experiment
     tags = {
@@ -219,6 +221,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     if skip is None:
         try:
             device = devices.resolve(device_override or exp.device)
+            check_supported(exp, device)  # e.g. a precision the device cannot do
         except devices.DeviceUnavailable as e:
             skip = str(e)
     if skip is not None:  # not trained: recorded as skipped with the reason
