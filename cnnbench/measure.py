@@ -12,12 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 def flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...], backward: bool = False) -> float:
     """FLOPs of one sample's forward pass (``backward=True``: forward + backward, i.e. a training
     step without the optimizer), counted once by ``torch.utils.flop_counter`` on a CPU copy of the
-    model with a batch of 2 (batch norm in training mode needs more than one sample)."""
+    model with a batch of 2 (batch norm in training mode needs more than one sample). The copy keeps
+    the model's hooks, so a hook sees this pass too."""
     probe = copy.deepcopy(model).to("cpu").float()
     probe.train(backward)
     x = torch.zeros(2, *input_shape)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, torch.random.fork_rng(devices=[]):  # dropout in the probe must not move the run's RNG
         if backward:
             probe(x).sum().backward()
         else:
