@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -122,6 +123,13 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         preload_data(spec, data_dir)
     except DataNotFoundError as e:
         _fail(str(e))
+    from cnnbench.tracking import StoreBusy, exclusive_sqlite, resolve_uri
+
+    store_lock = contextlib.ExitStack()  # released when the runs are done (or at exit, on any error)
+    try:  # before the store is opened: two processes must not both create a fresh SQLite store
+        store_lock.enter_context(exclusive_sqlite(resolve_uri(tracking_uri)))
+    except StoreBusy as e:
+        _fail(str(e))
     tracker = _tracker(tracking_uri)
 
     def on_signal(signum, frame):
@@ -136,7 +144,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
 
     events = RichEvents(quiet=quiet)
     try:
-        with events:
+        with store_lock, events:
             outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
                                 command=_reproduce_command(suite, overrides, device, no_search),
                                 search=not no_search, storage=storage)

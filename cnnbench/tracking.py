@@ -9,6 +9,7 @@ for resume and for reports. Every call is timed so a suite can report its tracki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -45,6 +46,59 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or opened."""
 
 
+class StoreBusy(RuntimeError):
+    """Another ``cnnbench run`` holds the SQLite store."""
+
+
+@contextlib.contextmanager
+def exclusive_sqlite(uri: str):
+    """Hold ``<db>.lock`` beside a SQLite store while a suite runs, so a second ``cnnbench run`` on
+    the same store is refused with a clear message rather than racing the first (SQLite allows one
+    writer; MLflow and Optuna retry on "database is locked" only so long). Other stores: no-op."""
+    import fcntl
+    import socket
+
+    path = absolute_uri(uri).removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if path is None or ":memory:" in path:
+        yield
+        return
+    lock = Path(path + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StoreBusy(
+                f"another cnnbench run ({holder}) is writing to {uri}; wait for it to finish, give this run its own "
+                f"store (--tracking-uri sqlite:///other.db), or run several workers against PostgreSQL and an MLflow "
+                f"server (README: Scale out)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when a tracking server does not answer its health check."""
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        requests.get(url, timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server at {uri} does not answer ({url}: {type(e).__name__}); start it "
+            f"(mlflow server --backend-store-uri … --port …) or check --tracking-uri / MLFLOW_TRACKING_URI") from None
+
+
 class Tracker:
     """A thin, timed wrapper around ``MlflowClient`` for one tracking URI."""
 
@@ -57,6 +111,8 @@ class Tracker:
         for name in ("mlflow", "alembic"):  # after the import: mlflow configures its loggers on import
             logging.getLogger(name).setLevel(logging.WARNING)
 
+        if uri.startswith(("http://", "https://")):
+            _check_server(uri)  # MLflow's own client retries for minutes before giving up
         self.client = MlflowClient(tracking_uri=absolute_uri(uri))
         try:
             self.client.search_experiments(max_results=1)  # opens/creates the store; fails fast if unreachable

@@ -252,3 +252,39 @@ def test_ui_serves_the_same_store(cli, workdir):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_tracking_server_down_at_start_fails_fast_before_training(cli, workdir):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    result = cli("run", write_suite(workdir / "tiny.yaml", TINY_SUITE), "--tracking-uri", f"http://127.0.0.1:{port}")
+    assert result.exit_code == 2 and time.time() - t0 < 30
+    assert f"http://127.0.0.1:{port}" in result.output and "does not answer" in result.output
+    assert "Traceback" not in result.output and not (workdir / "reports").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_sqlite_store_is_refused_and_the_first_finishes(cli, workdir):
+    text = TINY_SUITE.replace("name: tiny", "name: slow").replace("epochs: 2", "epochs: 40").replace("seeds: 2", "seeds: 1")
+    suite = write_suite(workdir / "slow.yaml", text)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q"], cwd=workdir, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_running_child(workdir / "mlflow.db")
+        second = cli("run", write_suite(workdir / "tiny.yaml", TINY_SUITE), "-q")
+        assert second.exit_code == 2, second.output
+        assert f"pid {first.pid}" in second.output and "sqlite:///mlflow.db" in second.output
+        out, _ = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, out
+    c = client()
+    runs = c.search_runs([c.get_experiment_by_name("slow").experiment_id], "")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # parent + 2 variants, store intact
+    assert c.get_experiment_by_name("tiny") is None  # the refused run wrote nothing
+    assert cli("run", write_suite(workdir / "tiny.yaml", TINY_SUITE), "-q").exit_code == 0  # free again

@@ -8,12 +8,12 @@ import os
 import mlflow
 import pytest
 import torch
-from conftest import SUITES
 
 from cnnbench import data as datamod
 from cnnbench import devices
 from cnnbench.config import Experiment, deep_merge
 from cnnbench.train import train
+from tests.conftest import SUITES
 
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla not installed (run in .venv-xla: see README, TPU / XLA)")
