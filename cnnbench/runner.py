@@ -17,7 +17,7 @@ import yaml
 
 from cnnbench import __version__
 from cnnbench.config import RunSpec, Suite, flatten, plan
-from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker
+from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, worker_id
 
 
 class Interrupted(BaseException):
@@ -132,7 +132,8 @@ def run_suite(
         exp_id,
         f"{suite.name} @ {stamp}",
         {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE, "cnnbench.version": __version__,
-         "cnnbench.command": env["command"], "cnnbench.source": suite.source, "cnnbench.git_commit": env["git_commit"]},
+         "cnnbench.command": env["command"], "cnnbench.source": suite.source, "cnnbench.git_commit": env["git_commit"],
+         "cnnbench.worker": worker_id()},
     )
     tracker.log(parent, params={f"env.{k}": v for k, v in env.items()} | {"seeds": suite.seed_list()}
                 | ({"optuna_storage": storage_url} if searching else {}),
@@ -213,6 +214,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         "cnnbench.fingerprint": spec.fingerprint,
         "cnnbench.plan_key": spec.plan_key,
         "cnnbench.status": "running",
+        "cnnbench.worker": worker_id(),
     }
     if spec.study:
         tags |= {"cnnbench.study": spec.study, "cnnbench.tuned": "true"}

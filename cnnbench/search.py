@@ -31,7 +31,7 @@ import yaml
 
 from cnnbench.config import Experiment, ParamSpec, RunSpec, SearchConfig, Suite, flatten, set_dotted, study_name
 from cnnbench.runner import Interrupted, interruptible, raise_if_interrupted
-from cnnbench.tracking import ROLE_SEARCH, ROLE_TRIAL, BufferedRun, Tracker
+from cnnbench.tracking import ROLE_SEARCH, ROLE_TRIAL, BufferedRun, Tracker, worker_id
 
 TUNING_SEED_BASE = 10_000  # tuning seeds are 10000, 10001, …: never the evaluation seeds
 JOURNAL_NAME = "optuna.journal"
@@ -220,7 +220,8 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
     run_id = tracker.start_run(
         exp_id, f"{variant}/trial{trial.number}",
         {"cnnbench.suite": suite.name, "cnnbench.variant": variant, "cnnbench.role": ROLE_TRIAL,
-         "cnnbench.trial": str(trial.number), "cnnbench.study": study.study_name, "cnnbench.status": "running"},
+         "cnnbench.trial": str(trial.number), "cnnbench.study": study.study_name, "cnnbench.status": "running",
+         "cnnbench.worker": worker_id()},
         search_run,
     )
     trial.set_user_attr("mlflow_run_id", run_id)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable
@@ -26,6 +27,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
 ROLE_SUITE, ROLE_RUN, ROLE_SEARCH, ROLE_TRIAL = "suite", "run", "search", "trial"
 DONE_STATUSES = ("finished", "diverged")  # results worth keeping; failed/skipped/killed are redone
+
+
+def worker_id() -> str:
+    """host:pid of this process: the tag cnnbench.worker on every run it starts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def resolve_uri(cli_uri: str | None = None) -> str:
@@ -56,7 +62,6 @@ def exclusive_sqlite(uri: str):
     the same store is refused with a clear message rather than racing the first (SQLite allows one
     writer; MLflow and Optuna retry on "database is locked" only so long). Other stores: no-op."""
     import fcntl
-    import socket
 
     path = absolute_uri(uri).removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
     if path is None or ":memory:" in path:

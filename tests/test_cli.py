@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ def test_quickstart_end_to_end_then_resume(cli, workdir):
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     assert tags["cnnbench.variant"] == "adam" and tags["cnnbench.seed"] == "1" and tags["cnnbench.baseline"] == "false"
     assert tags["cnnbench.status"] == "finished" and tags["cnnbench.device"] in ("cpu", "cuda", "mps")
+    assert tags["cnnbench.worker"] == f"{socket.gethostname()}:{os.getpid()}"  # in-process run
     assert by_name["baseline/seed0"].data.tags["cnnbench.baseline"] == "true"
     assert params["optimizer.name"] == "adam" and params["optimizer.lr"] == "0.001" and params["train.epochs"] == "2"
     for key in ("test_accuracy", "test_loss", "precision_macro", "recall_macro", "f1_macro", "train_time_s",
