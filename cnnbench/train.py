@@ -34,6 +34,9 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)  # final metrics
     confusion: list[list[int]] | None = None
     message: str = ""
+    model: torch.nn.Module | None = None  # the trained model (compression, inference metrics, checkpoints)
+    artifacts: dict = field(default_factory=dict)  # extra files for the run (e.g. sparsity.json)
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags (e.g. how a model was compressed)
 
 
 def _batches(n: int, size: int):
@@ -78,17 +81,21 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     evaluate_test: bool = True,
+    model: torch.nn.Module | None = None,
+    loss_fn: Callable | None = None,
 ) -> RunResult:
     """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
 
-    ``evaluate_test=False`` (search trials) never touches the test set.
+    ``evaluate_test=False`` (search trials) never touches the test set. Compression (issue 6):
+    ``model`` starts from these weights instead of the seed's initial ones (fine-tuning);
+    ``loss_fn(logits, labels, inputs)`` replaces the cross-entropy (distillation).
     """
     # ── setup ────────────────────────────────────────────────────────────────
     if exp.train.threads:
         torch.set_num_threads(exp.train.threads)
     data = split.data
     c, h, w = data.shape
-    model = initial_model(exp, seed, data).to(device)
+    model = (model if model is not None else initial_model(exp, seed, data)).to(device)
     optimizer = build_optimizer(exp.optimizer, model)
     augment = BatchAugment(exp.data.augment, image_size=h)
     order_gen = torch.Generator().manual_seed(seed)
@@ -107,7 +114,7 @@ def train(
     patience, best_val_loss, epochs_since_best = exp.train.early_stopping_patience, math.inf, 0
 
     devices.reset_peak_memory(device)
-    result = RunResult(status="finished")
+    result = RunResult(status="finished", model=model)
     train_time = 0.0
     target = exp.train.target_accuracy
     time_to_target = epochs_to_target = None
@@ -126,7 +133,10 @@ def train(
                 xb = augment(xb.mul_(inv255), augment_gen).mul_(255.0)
             xb = xb.mul_(scale).sub_(shift)
             yb = train_y[bi]
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=smoothing)
+            if loss_fn is None:
+                loss = F.cross_entropy(model(xb), yb, label_smoothing=smoothing)
+            else:  # issue 6: distillation
+                loss = loss_fn(model(xb), yb, xb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:
