@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cnnbench.config import Experiment, RunSpec, Suite, upstream_variants
-from cnnbench.techniques.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnnbench.techniques.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 

@@ -79,6 +79,9 @@ def _leaves(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
         for attr, child in parent.named_children():
             if isinstance(child, nn.Sequential):
                 walk(child)
+            elif any(True for _ in child.children()):  # a block with its own forward (residual, attention)
+                raise ValueError(f"channel pruning supports sequential conv nets (lenet5, mnist_net, simple_cnn); "
+                                 f"found {type(child).__name__}")
             else:
                 out.append((parent, attr, child))
 
