@@ -171,19 +171,18 @@ COMPRESSION_SUITE = """\
 name: comp
 question: Does compressing a tiny net on synthetic blobs cost accuracy?
 base:
-  data: {dataset: synthetic, batch_size: 64, val_fraction: 0.2, synthetic: {train_size: 384, test_size: 128, image_size: 28}}
+  data: {dataset: synthetic, batch_size: 64, eval_batch_size: 64, val_fraction: 0.25, synthetic: {train_size: 256, test_size: 128, image_size: 28}}
   model: {name: lenet5}
   optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
   train: {epochs: 2}
   device: cpu
-  inference: {repeats: 3, warmup: 1}
+  inference: {repeats: 2, warmup: 1}
 variants:
   fp32: {}
   static: {quantize: {method: static, calibration_batches: 2}, inference: {compile: never}}
   qat: {quantize: {method: qat, qat_epochs: 1}, inference: {compile: never}}
   pruned: {prune: {method: l1_unstructured, amount: 0.5}}
   channels: {prune: {method: channel, amount: 0.5, finetune_epochs: 1}}
-  student: {model: {name: simple_cnn, kwargs: {width: 4, depth: 2}}}
   distilled: {model: {name: simple_cnn, kwargs: {width: 4, depth: 2}}, distill: {teacher: fp32, temperature: 4}}
 baseline: fp32
 seeds: 2
@@ -207,9 +206,10 @@ def test_compression_suite_validates_and_sources_change_dependents_fingerprints(
     changed = load(path, "base.optimizer.lr=0.04")
     after = {v: e.fingerprint(0) for v, e in changed.experiments.items()}
     assert all(before[v] != after[v] for v in before)
-    # the student alone does not depend on the teacher; the distilled one does
-    only_fp32 = load(path, "variants.fp32.train.epochs=3")
-    assert only_fp32.experiments["student"].fingerprint(0) == before["student"]
+    # a variant that does not depend on fp32 keeps its identity; the distilled one does not
+    only_fp32 = load(path, "variants.fp32.train.epochs=3", "variants.alone={model: {name: mnist_net}}")
+    assert only_fp32.experiments["alone"].fingerprint(0) == load(path, "variants.alone={model: {name: mnist_net}}") \
+        .experiments["alone"].fingerprint(0)
     assert only_fp32.experiments["distilled"].fingerprint(0) != before["distilled"]
     assert only_fp32.experiments["static"].fingerprint(0) != before["static"]
 
@@ -221,7 +221,7 @@ def test_compression_suite_validates_and_sources_change_dependents_fingerprints(
                                             "checkpoint file; did you mean 'fp32'?"),
         ("variants.static.model.name=mnist_net", "the model of 'static' must be that of its source 'fp32'"),
         ("variants.fp32.prune={method: channel, amount: 0.5}", "cannot be its source itself"),
-        ("variants.student.start_from=fp32", "start_from is for variants that quantize or prune"),
+        ("variants.distilled.start_from=fp32", "start_from is for variants that quantize or prune"),
         ("variants.distilled.distill.teacher=pruned", "'pruned' quantizes or prunes a model itself"),
         ("variants.static.quantize.method=int4", "variants.static.quantize.method: Input should be 'dynamic', 'static' or 'qat'"),
         ("variants.pruned.prune.amount=1.5", "variants.pruned.prune.amount: Input should be less than 1"),
@@ -277,9 +277,9 @@ def test_compression_variants_reuse_the_trained_baseline_and_record_inference_me
     path = write_suite(workdir / "comp.yaml", COMPRESSION_SUITE)
     result = cli("run", path, "-q")
     assert result.exit_code == 0, result.output
-    assert "14 finished" in result.output
-    # fp32, student and distilled train from scratch once per seed; every compression variant reuses fp32
-    assert len(count_trainings) == 3 * 2
+    assert "12 finished" in result.output
+    # fp32 and distilled train from scratch once per seed; every compression variant reuses fp32
+    assert len(count_trainings) == 2 * 2
     runs = {r.info.run_name: r for r in child_runs("comp")}
     for name, run in runs.items():
         m = run.data.metrics
@@ -306,7 +306,7 @@ def test_compression_variants_reuse_the_trained_baseline_and_record_inference_me
     result = cli("run", path, "-q", "--set", "variants.dynamic.quantize.method=dynamic",
                  "--set", "variants.dynamic.inference.compile=never")
     assert result.exit_code == 0, result.output
-    assert "2 finished" in result.output and "14 reused" in result.output
+    assert "2 finished" in result.output and "12 reused" in result.output
     assert count_trainings == []
     report = (workdir / "reports" / "comp.md").read_text()
     assert "comp_latency.png" in report and "comp_size.png" in report and "Linear only" in report
