@@ -24,6 +24,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -200,6 +201,67 @@ class TrainConfig(Strict):
     cudnn_benchmark: bool = Field(False, description="torch.backends.cudnn.benchmark for this run (CUDA only)")
 
 
+class QuantizeConfig(Strict):
+    """int8 quantization of a trained model (torchao PT2E with X86InductorQuantizer)."""
+
+    method: Literal["dynamic", "static", "qat"] = Field(
+        description="dynamic: Linear layers only, activations quantized at run time; static: Conv and Linear, "
+                    "activation ranges calibrated on training batches; qat: static after quantization-aware fine-tuning")
+    backend: Literal["x86"] = Field("x86", description="x86: torchao's X86InductorQuantizer (oneDNN int8 kernels via inductor)")
+    calibration_batches: PositiveInt = Field(32, description="static: training batches observed to set activation ranges")
+    qat_epochs: PositiveInt = Field(1, description="qat: epochs of fine-tuning with fake quantization")
+
+
+PRUNE_METHODS = ("l1_unstructured", "random_unstructured", "global_unstructured", "ln_structured", "channel")
+
+
+class PruneConfig(Strict):
+    """Pruning of a trained model: torch.nn.utils.prune masks (made permanent), or ``channel``: rebuilt smaller layers."""
+
+    method: Literal["l1_unstructured", "random_unstructured", "global_unstructured", "ln_structured", "channel"] = Field(
+        description="l1/random_unstructured: per layer; global_unstructured: smallest weights across all layers; "
+                    "ln_structured: zeroes whole output channels (L2 norm); channel: removes output channels and "
+                    "rebuilds smaller layers (the only kind that speeds up dense inference)")
+    amount: float = Field(gt=0.0, lt=1.0, description="fraction of weights (channels for ln_structured/channel) removed")
+    schedule: Literal["one_shot", "iterative"] = "one_shot"
+    steps: int = Field(3, ge=2, description="iterative: pruning steps, each followed by finetune_epochs")
+    finetune_epochs: NonNegativeInt = Field(0, description="epochs of fine-tuning after pruning (after each step if iterative)")
+
+    @model_validator(mode="after")
+    def _iterative_needs_finetuning(self) -> PruneConfig:
+        if self.schedule == "iterative" and self.finetune_epochs == 0:
+            raise ValueError("schedule: iterative prunes in steps with fine-tuning between them; set finetune_epochs ≥ 1 "
+                             "(without it, use schedule: one_shot)")
+        if self.schedule == "iterative" and self.method == "channel":
+            raise ValueError("channel pruning is one_shot only (set schedule: one_shot)")
+        return self
+
+
+class DistillConfig(Strict):
+    """Knowledge distillation: the student (this variant's model) is trained on α·T²·KL(soft targets) + (1-α)·CE."""
+
+    teacher: str = Field(description="a variant of this suite (trained once per seed and reused), a checkpoint file, "
+                                     "or runs:/<id>/<path>")
+    temperature: PositiveFloat = 4.0
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the soft-target loss")
+    teacher_model: ModelConfig | None = Field(None, description="the teacher's architecture when teacher is a checkpoint")
+
+
+class InferenceConfig(Strict):
+    """How every run's inference latency is measured (batch 1 and 64, after warm-up, synchronized)."""
+
+    enabled: bool = True
+    repeats: PositiveInt = Field(50, description="timed forward passes per batch size")
+    warmup: NonNegativeInt = Field(10, description="untimed forward passes first")
+    compile: Literal["auto", "always", "never"] = Field(
+        "auto", description="torch.compile (inductor) the model measured; auto: quantized models only (PT2E int8 "
+                            "kernels exist only through inductor)")
+
+
+COMPRESSION_DEFAULTS = {"start_from": None, "quantize": None, "prune": None, "distill": None,
+                        "inference": InferenceConfig().model_dump(mode="json")}
+
+
 class Experiment(Strict):
     """One complete experiment: what the baseline is, and what every variant resolves to."""
 
@@ -209,15 +271,41 @@ class Experiment(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
+    # ── compression (issue 6): see CompressionFields below ──
+    start_from: str | None = Field(None, description="quantize/prune start from: a variant's trained weights (default: "
+                                   "the baseline's), a checkpoint file, or an MLflow artifact URI runs:/<id>/<path>")
+    quantize: QuantizeConfig | None = None
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    _upstream: str = PrivateAttr("")  # identity of the source/teacher runs this one depends on (set by load_suite)
+
+    @model_validator(mode="after")
+    def _one_kind_of_compression(self) -> Experiment:
+        if self.distill is not None and (self.quantize is not None or self.prune is not None):
+            raise ValueError("distill trains a student from scratch, quantize/prune start from trained weights: use "
+                             "two variants (quantize/prune with start_from: <the distilled variant>)")
+        return self
+
+    @property
+    def compresses(self) -> bool:
+        """Starts from trained weights instead of training from scratch."""
+        return self.quantize is not None or self.prune is not None
 
     def identity(self) -> dict:
-        """The config as fingerprints see it: keys added after FINGERPRINT_VERSION 1 are left out while
-        they hold their default — what every earlier run did — so those runs stay reusable."""
+        """The config as fingerprints see it: settings added after FINGERPRINT_VERSION 1 are left out
+        while they hold their default — what every earlier run did — so those runs stay reusable; the
+        identity of the runs a compression/distillation variant starts from is added."""
         dump = self.model_dump(mode="json")
         for section, key in ADDED_AFTER_V1:
             default = type(getattr(self, section)).model_fields[key].default
             if dump[section].get(key, default) == default:
                 dump[section].pop(key, None)
+        for key, default in COMPRESSION_DEFAULTS.items():
+            if dump.get(key) == default:
+                dump.pop(key)
+        if self._upstream:
+            dump["upstream"] = self._upstream
         return dump
 
     def fingerprint(self, seed: int) -> str:
@@ -602,6 +690,7 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     for name, override in suite.variants.items():
         suite.experiments[name] = Experiment.model_validate(deep_merge(data["base"], override or {}), context=context)
     problems = _search_problems(suite, own_spaces, locator, context)
+    problems += _compression_problems(suite, locator)  # issue 6: sources/teachers exist, no cycles
     if problems:
         raise SuiteError(problems)
     suite.source = source
@@ -799,3 +888,94 @@ def plan(suite: Suite, tuned: dict[str, Experiment | None] | None = None) -> lis
 def json_schema() -> dict:
     return Suite.model_json_schema()
 
+
+
+# ───────────────────────────── compression: sources and teachers ─────────────────────────────
+
+
+def source_of(suite: Suite, variant: str) -> str | None:
+    """Where a quantize/prune variant's weights come from: a variant name or a checkpoint reference."""
+    exp = suite.experiments[variant]
+    if not exp.compresses:
+        return None
+    return exp.start_from or suite.baseline
+
+
+def upstream_variants(suite: Suite, variant: str) -> list[str]:
+    """The variants whose trained weights this one needs (its source and/or teacher)."""
+    exp = suite.experiments[variant]
+    refs = [source_of(suite, variant), exp.distill.teacher if exp.distill else None]
+    return [r for r in refs if r is not None and r in suite.experiments]
+
+
+def _compression_problems(suite: Suite, locator: _Locator) -> list[Problem]:
+    """Sources and teachers are trainable variants of the suite or existing checkpoints; no cycles;
+    a compressed model has its source's architecture. Sets each dependent experiment's upstream identity."""
+    problems: list[Problem] = []
+
+    def problem(name: str, keys: tuple, message: str) -> None:
+        override = suite.variants[name] or {}
+        node, own = override, True
+        for k in keys:
+            if isinstance(node, dict) and k in node:
+                node = node[k]
+            else:
+                own = False
+                break
+        path = ("variants", name, *keys) if own else ("base", *keys)
+        problems.append(Problem(locator.where(path if own else locator.real_path(path)), ".".join(path), message))
+
+    names = list(suite.experiments)
+    for name, exp in suite.experiments.items():
+        if exp.start_from is not None and not exp.compresses:
+            problem(name, ("start_from",), "start_from is for variants that quantize or prune a trained model; "
+                    "add a quantize or prune section, or remove start_from")
+        refs = []
+        if exp.compresses:
+            refs.append((("start_from",), source_of(suite, name), exp.model, "its source"))
+        if exp.distill is not None:
+            refs.append((("distill", "teacher"), exp.distill.teacher, exp.distill.teacher_model, "its teacher"))
+        for keys, ref, model, role in refs:
+            if ref == name:
+                problem(name, keys, f"variant '{name}' cannot be {role} itself"
+                        + ("; the baseline trains from scratch: give start_from another variant or a checkpoint"
+                           if keys == ("start_from",) else ""))
+            elif ref in suite.experiments:
+                other = suite.experiments[ref]
+                if other.compresses:
+                    problem(name, keys, f"'{ref}' quantizes or prunes a model itself; {role} must be a variant that "
+                            "trains (chain compressions inside one variant: quantize and prune together)")
+                elif keys == ("start_from",) and other.model != exp.model:
+                    problem(name, keys, f"the model of '{name}' must be that of {role} '{ref}' "
+                            f"({other.model.model_dump(exclude_defaults=True)}): it loads those weights")
+            elif ref.startswith("runs:/") or ref.startswith("models:/"):
+                pass  # resolved at run time (the store may be another one)
+            elif not Path(ref).is_file():
+                hint = f";{did_you_mean(ref, names)} variants: {', '.join(names)}" if "/" not in ref else ""
+                problem(name, keys, f"'{ref}' is neither a variant nor an existing checkpoint file{hint}")
+            elif keys == ("distill", "teacher") and model is None:
+                problem(name, ("distill",), "a teacher checkpoint needs distill.teacher_model: its architecture, "
+                        "e.g. {name: mnist_net}")
+    if suite.search is not None and any(e.compresses or e.distill for e in suite.experiments.values()):
+        problems.append(Problem(locator.where(("search",)), "search",
+                                "search is not supported in suites with quantize/prune/distill variants yet"))
+    if problems:
+        return problems
+
+    # cycles (a teacher distilled from its own student) and upstream identities, in dependency order
+    def identity(name: str, trail: tuple = ()) -> str:
+        if name in trail:
+            raise ValueError(" → ".join((*trail, name)))
+        exp = suite.experiments[name]
+        ups = [identity(u, (*trail, name)) for u in upstream_variants(suite, name)]
+        if ups:
+            exp._upstream = "|".join(ups)
+        return exp.fingerprint(-1)
+
+    for name in names:
+        try:
+            identity(name)
+        except ValueError as e:
+            problem(name, ("distill", "teacher"), f"teachers form a cycle: {e}")
+            break
+    return problems

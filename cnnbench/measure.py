@@ -75,3 +75,89 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     except OSError:
         pass
     return best
+
+
+# ───────────────────────── inference: latency, size, counts ─────────────────────────
+
+
+def deployed_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a deployment of ``model`` needs. For an exported/converted graph (PT2E) these are the
+    ones its graph reads (``get_attr`` nodes): the int8 weights, scales, zero points and biases — not the
+    fp32 weights that ``convert_pt2e`` leaves behind as unused parameters. Otherwise: the state dict."""
+    if isinstance(model, torch.fx.GraphModule):
+        out = {}
+        for node in model.graph.nodes:
+            if node.op == "get_attr":
+                value = model
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                if isinstance(value, torch.Tensor):
+                    out[node.target] = value
+        return out
+    return dict(model.state_dict())
+
+
+def serialized_size(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of ``torch.save`` of the tensors, each copied to its own compact storage (``torch.save``
+    writes a view's whole storage, which would count bytes that are not deployed)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, buf)
+    return buf.getbuffer().nbytes
+
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Serialized size of what would be deployed (see :func:`deployed_tensors`)."""
+    return serialized_size(deployed_tensors(model))
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters). Pruning masks must have been made permanent first
+    (``prune.remove``), otherwise ``weight_orig`` still holds the dense values."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return total, nonzero
+
+
+def latency_ms(model, input_shape: tuple[int, ...], batch_size: int, device: torch.device,
+               repeats: int = 50, warmup: int = 10) -> tuple[float, float]:
+    """Median and 95th percentile of the wall time of one forward pass of a ``batch_size`` batch, in ms:
+    ``warmup`` calls first (untimed: lazy initialisation, compilation, caches), then ``repeats`` timed
+    calls, each between two device synchronizations."""
+    import time
+
+    from cnnbench import devices
+
+    x = torch.randn(batch_size, *input_shape, device=device)
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(x)
+        for _ in range(repeats):
+            devices.synchronize(device)
+            t0 = time.perf_counter()
+            model(x)
+            devices.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    t = torch.tensor(times, dtype=torch.float64) * 1e3
+    return float(t.quantile(0.5)), float(t.quantile(0.95))
+
+
+def inference_metrics(deployed, float_model: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device,
+                      repeats: int = 50, warmup: int = 10) -> dict[str, float]:
+    """Every run's inference figures. ``deployed`` is what runs (e.g. a compiled int8 graph); ``float_model``
+    is the float model it came from, for parameter counts and FLOPs (int8 ops are counted as their float ops).
+    ``size_model`` is ``deployed`` unless it is a compiled wrapper."""
+    out: dict[str, float] = {}
+    for bs in (1, 64):
+        p50, p95 = latency_ms(deployed, input_shape, bs, device, repeats, warmup)
+        out[f"latency_bs{bs}_p50_ms"], out[f"latency_bs{bs}_p95_ms"] = p50, p95
+    out["inference_throughput"] = 64 / (out["latency_bs64_p50_ms"] / 1e3)
+    out["inference_threads"] = torch.get_num_threads()
+    params, nonzero = param_counts(float_model)
+    out["params"], out["nonzero_params"] = params, nonzero
+    out["flops"] = flops_per_sample(float_model, input_shape)
+    return out

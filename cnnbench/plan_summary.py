@@ -14,6 +14,14 @@ def train_images(exp: Experiment) -> int:
     return min(n, exp.data.limit_train) if exp.data.limit_train else n
 
 
+def trained_epochs(exp: Experiment) -> int:
+    """Epochs a run trains: a quantize/prune variant only fine-tunes (its source trains once)."""
+    if not exp.compresses:
+        return exp.train.epochs
+    n = exp.prune.finetune_epochs * (exp.prune.steps if exp.prune.schedule == "iterative" else 1) if exp.prune else 0
+    return n + (exp.quantize.qat_epochs if exp.quantize and exp.quantize.method == "qat" else 0)
+
+
 def rough_seconds(exp: Experiment) -> float:
     """Training time on 2 CPU cores from each model's measured img/s at 28×28 (rough: ±2×)."""
     from cnnbench.models import MODELS
@@ -22,7 +30,7 @@ def rough_seconds(exp: Experiment) -> float:
     size = exp.data.image_size or (exp.data.synthetic.image_size if exp.data.dataset == "synthetic" else 28)
     size = 32 if exp.data.dataset.startswith("cifar") and not exp.data.image_size else size
     rate *= (28 / size) ** 2
-    return train_images(exp) * exp.train.epochs / rate
+    return train_images(exp) * trained_epochs(exp) / rate
 
 
 def describe_plan(suite: Suite) -> str:
@@ -38,11 +46,11 @@ def describe_plan(suite: Suite) -> str:
     total_epochs, total_s = 0, 0.0
     for name, exp in suite.experiments.items():
         secs = rough_seconds(exp)
-        total_epochs += exp.train.epochs * len(seeds)
+        total_epochs += trained_epochs(exp) * len(seeds)
         total_s += secs * len(seeds)
         opt = f"{exp.optimizer.name} {exp.optimizer.lr:g}"
         lines.append(
-            f"{name:<20} {exp.data.dataset:<14} {exp.model.name:<10} {opt:<16} {exp.train.epochs:>6}"
+            f"{name:<20} {exp.data.dataset:<14} {exp.model.name:<10} {opt:<16} {trained_epochs(exp):>6}"
             f" {train_images(exp):>12,} {secs:>9.1f}s"
         )
     if suite.search is not None:

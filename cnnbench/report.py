@@ -43,6 +43,8 @@ class MetricFormat:
             "rate": lambda: f"{v:,.0f}/s",
             "bytes": lambda: f"{v / 2**20:.1f} MiB",
             "int": lambda: f"{v:,.0f}",
+            "ms": lambda: f"{v:.2f} ms",
+            "kib": lambda: f"{v / 1024:,.1f} KiB",
         }[self.fmt]()
 
     def delta(self, v: float) -> str:
@@ -51,7 +53,7 @@ class MetricFormat:
         if self.fmt == "pct":
             return f"{100 * v:+.2f} pp"
         return {"seconds": f"{v:+.2f} s", "rate": f"{v:+,.0f}/s", "bytes": f"{v / 2**20:+.1f} MiB",
-                "int": f"{v:+,.0f}"}.get(self.fmt, f"{v:+.4f}")
+                "int": f"{v:+,.0f}", "ms": f"{v:+.2f} ms", "kib": f"{v / 1024:+,.1f} KiB"}.get(self.fmt, f"{v:+.4f}")
 
 
 METRICS = {
@@ -67,6 +69,17 @@ METRICS = {
     "train_throughput": MetricFormat("train img/s", "rate"),
     "peak_memory_bytes": MetricFormat("peak memory", "bytes"),
     "params": MetricFormat("params", "int"),
+    # inference and compression (issue 6)
+    "latency_bs1_p50_ms": MetricFormat("latency bs1 p50", "ms"),
+    "latency_bs1_p95_ms": MetricFormat("latency bs1 p95", "ms"),
+    "latency_bs64_p50_ms": MetricFormat("latency bs64 p50", "ms"),
+    "latency_bs64_p95_ms": MetricFormat("latency bs64 p95", "ms"),
+    "inference_throughput": MetricFormat("inference img/s", "rate"),
+    "model_size_bytes": MetricFormat("model size", "kib"),
+    "nonzero_params": MetricFormat("non-zero params", "int"),
+    "flops": MetricFormat("FLOPs/sample", "int"),
+    "sparsity": MetricFormat("sparsity", "pct"),
+    "compress_time_s": MetricFormat("compression time", "seconds"),
 }
 
 
@@ -597,6 +610,107 @@ def plot_pareto(suite: Suite, runs: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+# ───────────────────────────── compression (issue 6) ─────────────────────────────
+
+TRADEOFFS = (("latency", "latency_bs64_p50_ms", "inference latency at batch 64, p50 (ms)"),
+             ("size", "model_size_bytes", "model size (KiB, serialized deployed tensors)"))
+
+
+def _mean_sd(values: dict[int, float]) -> tuple[float, float]:
+    v = list(values.values())
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return mean, sd
+
+
+def plot_tradeoff(suite: Suite, runs: pd.DataFrame, x_metric: str, xlabel: str, path: Path) -> bool:
+    """Primary metric against ``x_metric`` (lower is better): mean over seeds with ± sd error bars on both
+    axes; Pareto-optimal variants starred and joined."""
+    primary = suite.report.primary
+    points = {}
+    for v in suite.variants:
+        y, x = per_seed(runs, v, primary), per_seed(runs, v, x_metric)
+        if y and x:
+            points[v] = (_mean_sd(x), _mean_sd(y))
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fmt = metric_format(primary)
+    scale = 100 if fmt.fmt == "pct" else 1
+    xscale = 1 / 1024 if x_metric.endswith("bytes") else 1
+    higher = suite.report.primary_higher_is_better()
+    means = {v: (x[0], y[0]) for v, (x, y) in points.items()}
+    front = [v for v, (x, y) in means.items()
+             if not any(x2 <= x and (y2 >= y if higher else y2 <= y) and (x2, y2) != (x, y) for x2, y2 in means.values())]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    for i, (v, ((x, xs), (y, ys))) in enumerate(points.items()):
+        ax.errorbar(x * xscale, y * scale, xerr=xs * xscale, yerr=ys * scale, fmt="*" if v in front else "o",
+                    ms=11 if v in front else 5, color="grey" if v == suite.baseline else f"C{i}", capsize=3, zorder=3)
+        ax.annotate(v, (x * xscale, y * scale), xytext=(5, 3), textcoords="offset points", fontsize=8)
+    fx = sorted(means[v] for v in front)
+    ax.plot([p[0] * xscale for p in fx], [p[1] * scale for p in fx], color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel + ", log scale")
+    ax.set_ylabel(fmt.label + (" (%)" if fmt.fmt == "pct" else ""))
+    ax.set_title(f"{suite.name}: {fmt.label} vs {x_metric} (mean ± sd over seeds; stars: Pareto-optimal)", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def compression_plots(suite: Suite, runs: pd.DataFrame, reports_dir: Path) -> dict[str, Path]:
+    out = {}
+    for name, metric, label in TRADEOFFS:
+        path = reports_dir / f"{suite.name}_{name}.png"
+        if plot_tradeoff(suite, runs, metric, label, path):
+            out[name] = path
+    return out
+
+
+def _ratio(runs: pd.DataFrame, suite: Suite, variant: str, metric: str) -> str:
+    """Mean over paired seeds of baseline / variant (× smaller or × faster), with the range over seeds."""
+    base, mine = per_seed(runs, suite.baseline, metric), per_seed(runs, variant, metric)
+    ratios = [base[s] / mine[s] for s in base.keys() & mine.keys() if mine[s] > 0]
+    if not ratios:
+        return "–"
+    mean = sum(ratios) / len(ratios)
+    return f"{mean:.2f}×" + (f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else "")
+
+
+def compression_lines(suite: Suite, runs: pd.DataFrame, plots: dict[str, Path]) -> list[str]:
+    """The Compression section: how each variant was made and measured, ratios vs the baseline, plots."""
+    if "metrics.model_size_bytes" not in runs:
+        return []
+    lines = ["## Inference and compression", "",
+             "Measured after training on every run: latency of one forward pass at batch 1 and 64 (p50 over "
+             "repeats after warm-up, device synchronized), serialized size of the tensors that would be deployed "
+             "(int8 tensors for quantized models, without the fp32 copies a PT2E graph keeps), parameters and "
+             "non-zero parameters. Ratios are the baseline's value over the variant's, paired by seed (mean, and "
+             "range over seeds): above 1 is smaller or faster.", "",
+             "| variant | how | measured on | size ratio | speed-up bs1 | speed-up bs64 |", "|---|---|---|---|---|---|"]
+    for v in suite.variants:
+        sub = runs[(runs["variant"] == v) & (runs["status"] == "finished")]
+        how = next((x for x in sub.get("tags.cnnbench.compression", pd.Series(dtype=object)) if isinstance(x, str) and x),
+                   None)
+        exp = suite.experiments[v]
+        if how is None:
+            how = (f"distilled from `{exp.distill.teacher}` (T = {exp.distill.temperature:g}, α = {exp.distill.alpha:g})"
+                   if exp.distill else "trained")
+        where = next((x for x in sub.get("tags.cnnbench.inference", pd.Series(dtype=object)) if isinstance(x, str)), "–")
+        lines.append(f"| `{v}` | {how} | {where} | {_ratio(runs, suite, v, 'model_size_bytes')} | "
+                     f"{_ratio(runs, suite, v, 'latency_bs1_p50_ms')} | {_ratio(runs, suite, v, 'latency_bs64_p50_ms')} |")
+    lines.append("")
+    for name, path in plots.items():
+        lines += [f"![{suite.report.primary} against {name}]({path.name})", ""]
+    return lines
+
+
 def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "reports") -> Path:
     """Write ``<reports_dir>/<suite>.md`` and its PNGs from the runs in MLflow; refresh the index."""
     reports_dir = Path(reports_dir)
@@ -613,6 +727,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     forest, pareto = reports_dir / f"{suite.name}_forest.png", reports_dir / f"{suite.name}_pareto.png"
     has_forest = plot_forest(suite, comps, forest)
     has_pareto = plot_pareto(suite, runs, pareto)
+    tradeoffs = compression_plots(suite, runs, reports_dir)  # issue 6: accuracy vs latency / size
     searches, trials = tuning_frame(suite, frame)
     tuning_png = reports_dir / f"{suite.name}_tuning.png"
     has_tuning_plot = suite.search is not None and plot_tuning(suite, trials, tuning_png)
@@ -692,6 +807,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
             reason = r.get("tags.cnnbench.reason") if isinstance(r.get("tags.cnnbench.reason"), str) else ""
             lines.append(f"- `{r['variant']}/seed{r['seed']}`: {r['status']}{' — ' + reason if reason else ''}")
         lines.append("")
+    lines += compression_lines(suite, runs, tradeoffs)
     if has_curves or has_bars or has_forest or has_pareto:
         lines += ["## Plots", ""]
         if has_forest:

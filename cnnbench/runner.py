@@ -147,12 +147,16 @@ def run_suite(
         specs = plan(suite, tuned)
         done = {} if rerun else tracker.done_runs(exp_id, suite.name)
         todo = [s for s in specs if s.fingerprint not in done or s.skip_reason]
+        from cnnbench.techniques.compress import Upstream
+
+        upstream = Upstream(suite, tracker, exp_id)  # issue 6: sources/teachers first, their weights kept
+        todo = upstream.order(specs, todo, done)
         outcome.reused = len(specs) - len(todo)
         events.suite_start(suite, specs, outcome.reused)
         for i, spec in enumerate(todo):
             raise_if_interrupted()
             events.run_start(spec, i, len(todo))
-            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events)
+            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, upstream)
             outcome.counts[status] += 1
             events.run_end(spec, status, metrics, message)
     except (KeyboardInterrupt, Interrupted) as exc:
@@ -198,10 +202,11 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
 
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
-             events: Events) -> tuple[str, dict, str]:
+             events: Events, upstream=None) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message)."""
     from cnnbench import data as datamod
     from cnnbench import devices
+    from cnnbench.techniques import compress
     from cnnbench.train import check_supported, train
 
     exp = spec.experiment
@@ -244,11 +249,26 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
 
     try:
         split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
-        result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch))
+        weights = _upstream_weights(spec, upstream) if upstream is not None else {}  # issue 6: sources, teachers
+        if exp.compresses:  # issue 6: quantize / prune the source's trained weights
+            result = compress.run_compression(exp, spec.seed, split, device, weights["source"], on_epoch,
+                                              interruptible(events.batch))
+        else:
+            loss_fn = compress.distill_loss(exp, weights["teacher_model"], weights["teacher"], split.data, device) \
+                if exp.distill is not None else None
+            result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch),
+                           loss_fn=loss_fn)
+        compress.finish(result, exp, split, device)  # test a compressed model; inference metrics of every run
+        if upstream is not None and result.status == "finished":
+            upstream.save(spec.variant, spec.seed, run_id, result.model)
     except (KeyboardInterrupt, Interrupted):
         buffered.flush(tags={"cnnbench.status": "killed"})
         tracker.end_run(run_id, "KILLED")
         raise
+    except compress.Missing as e:  # issue 6: its source or teacher did not finish
+        buffered.flush(tags={"cnnbench.status": "skipped", "cnnbench.reason": str(e)})
+        tracker.end_run(run_id, "FINISHED")
+        return "skipped", {}, str(e)
     except Exception as e:  # noqa: BLE001 - any error in a run is recorded, and the suite goes on
         message = f"{type(e).__name__}: {e}"
         buffered.flush(tags={"cnnbench.status": "failed", "cnnbench.reason": message[:5000]})
@@ -257,13 +277,28 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FAILED")
         return "failed", {}, message
 
-    tags = {"cnnbench.status": result.status}
+    tags = {"cnnbench.status": result.status} | result.tags
     if result.message:
         tags["cnnbench.reason"] = result.message
     buffered.flush(metrics=result.metrics, tags=tags, step=len(result.history))
-    artifacts = {"config.yaml": config_yaml, "environment.json": run_env}
+    artifacts = {"config.yaml": config_yaml, "environment.json": run_env} | result.artifacts
     if result.confusion is not None:
         artifacts["confusion_matrix.json"] = result.confusion
     tracker.log_artifacts(run_id, artifacts)
     tracker.end_run(run_id, "FINISHED")
     return result.status, result.metrics, result.message
+
+
+def _upstream_weights(spec: RunSpec, upstream) -> dict:
+    """Issue 6: the source state dict of a quantize/prune variant, the teacher's of a distill variant."""
+    from cnnbench.config import source_of
+
+    exp, out = spec.experiment, {}
+    if exp.compresses:
+        out["source"] = upstream.state(source_of(upstream.suite, spec.variant), spec.seed)
+    if exp.distill is not None:
+        teacher = exp.distill.teacher
+        out["teacher"] = upstream.state(teacher, spec.seed)
+        out["teacher_model"] = (upstream.suite.experiments[teacher].model if teacher in upstream.suite.experiments
+                                else exp.distill.teacher_model)
+    return out

@@ -249,6 +249,24 @@ class Tracker:
                     rows.append({"run_id": run_id, "key": key, "step": m.step, "value": m.value})
         return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether the run stored an artifact at ``path`` (e.g. ``checkpoint/model.pt``)."""
+        folder = path.rsplit("/", 1)[0] if "/" in path else None
+        return any(f.path == path for f in self._timed(self.client.list_artifacts, run_id, folder))
+
+    def download_artifact(self, run_id: str, path: str, dst_dir: str) -> str:
+        """Download one artifact of a run into ``dst_dir``; returns the local path."""
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return self._timed(self.client.download_artifacts, run_id, path, dst_dir)
+
+    def download_uri(self, uri: str, dst_dir: str) -> str:
+        """Download an artifact URI (``runs:/<run_id>/<path>``) from this tracking store; returns the local path."""
+        import mlflow.artifacts
+
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return self._timed(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=dst_dir,
+                           tracking_uri=absolute_uri(self.uri))
+
     def download_json(self, run_id: str, name: str) -> Any:
         path = self._timed(self.client.download_artifacts, run_id, name, tempfile.mkdtemp())
         return json.loads(Path(path).read_text())

@@ -44,6 +44,9 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)  # final metrics
     confusion: list[list[int]] | None = None
     message: str = ""
+    model: torch.nn.Module | None = None  # the trained model (compression, inference metrics, checkpoints)
+    artifacts: dict = field(default_factory=dict)  # extra files for the run (e.g. sparsity.json)
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags (e.g. how a model was compressed)
 
 
 def _batches(n: int, size: int):
@@ -129,21 +132,25 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     evaluate_test: bool = True,
+    model: torch.nn.Module | None = None,
+    loss_fn: Callable | None = None,
 ) -> RunResult:
     """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
 
-    ``evaluate_test=False`` (search trials) never touches the test set.
+    ``evaluate_test=False`` (search trials) never touches the test set. Compression (issue 6):
+    ``model`` starts from these weights instead of the seed's initial ones (fine-tuning);
+    ``loss_fn(logits, labels, inputs)`` replaces the cross-entropy (distillation).
     """
     check_supported(exp, device)
     with run_settings(exp, device):
-        return _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test)
+        return _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, loss_fn)
 
 
-def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test) -> RunResult:
+def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, loss_fn) -> RunResult:
     # ── setup ────────────────────────────────────────────────────────────────
     data = split.data
     c, h, w = data.shape
-    model = initial_model(exp, seed, data)
+    model = model if model is not None else initial_model(exp, seed, data)
     step_flops = flops_per_sample(model, (c, h, w), backward=True)  # counted once, on a CPU copy
     memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -172,7 +179,7 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test) -> RunRe
     patience, best_val_loss, epochs_since_best = exp.train.early_stopping_patience, math.inf, 0
 
     devices.reset_peak_memory(device)
-    result = RunResult(status="finished")
+    result = RunResult(status="finished", model=model)
     train_time = compile_time = 0.0
     target = exp.train.target_accuracy
     time_to_target = epochs_to_target = None
@@ -193,7 +200,11 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test) -> RunRe
             xb = xb.mul_(scale).sub_(shift).contiguous(memory_format=memory_format)
             yb = train_y[bi]
             with autocast():
-                loss = F.cross_entropy(step_model(xb), yb, label_smoothing=smoothing)
+                logits = step_model(xb)
+                if loss_fn is None:
+                    loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
+                else:  # distillation: soft teacher targets + CE
+                    loss = loss_fn(logits, yb, xb)
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()

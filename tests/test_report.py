@@ -87,7 +87,7 @@ def test_running_a_suite_twice_gives_identical_metrics_and_the_report_says_so(cl
     assert cli("run", path, "-q", "--rerun").exit_code == 0
     frame = Tracker("sqlite:///mlflow.db").runs_frame("tiny")
     runs = frame[frame["tags.cnnbench.role"] == ROLE_RUN]
-    timing = ("_s", "_throughput", "_bytes", "_gflops", "mfu")  # clocks and memory vary; everything learned must not
+    timing = ("_s", "_throughput", "_bytes", "_ms", "_gflops", "mfu")  # clocks and memory vary; everything learned must not
     cols = [c for c in runs if c.startswith("metrics.") and not c.endswith(timing) and runs[c].notna().any()]
     assert len(runs) == 8 and "metrics.test_accuracy" in cols and "metrics.test_loss" in cols
     for _, pair in runs.groupby("tags.cnnbench.fingerprint"):

@@ -1,0 +1,58 @@
+"""Checkpoints: state dicts written atomically and read with ``weights_only=True`` only.
+
+A checkpoint that needs pickled Python objects to load is refused — there is no fallback to
+``weights_only=False``, which would run arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, not a state dict, or carrying pickled objects."""
+
+
+def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write ``state_dict`` (tensors moved to the CPU) to ``path`` atomically: a temp file in the same
+    directory, flushed to disk, then renamed over ``path`` — a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` (``{"state_dict": …}`` is unwrapped), loaded with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled Python objects, not only tensors, and is loaded with "
+            f"weights_only=True only ({first}). Save model.state_dict() instead of the model.") from None
+    except Exception as e:  # noqa: BLE001 - torch raises several kinds for a file that is not a checkpoint
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
