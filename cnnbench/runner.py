@@ -12,12 +12,25 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import yaml
 
 from cnnbench import __version__
 from cnnbench.config import RunSpec, Suite, flatten, plan
+from cnnbench.techniques.checkpoint import CheckpointError
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, worker_id
+
+
+def checkpoint_dir(tracking_uri: str) -> Path:
+    """Where runs keep their per-epoch training state: ``checkpoints/`` beside a SQLite store, else
+    in the current directory (a worker's own disk when the store is a server or a database)."""
+    from cnnbench.tracking import absolute_uri
+
+    uri = absolute_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        return Path(uri.removeprefix("sqlite:///")).parent / "checkpoints"
+    return Path("checkpoints").resolve()
 
 
 class Interrupted(BaseException):
@@ -156,7 +169,8 @@ def run_suite(
         for i, spec in enumerate(todo):
             raise_if_interrupted()
             events.run_start(spec, i, len(todo))
-            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, upstream)
+            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, upstream,
+                                                checkpoint_dir(tracker.uri) / suite.name)
             outcome.counts[status] += 1
             events.run_end(spec, status, metrics, message)
     except (KeyboardInterrupt, Interrupted) as exc:
@@ -202,11 +216,15 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
 
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
-             events: Events, upstream=None) -> tuple[str, dict, str]:
-    """Train one (variant, seed) and record it; returns (status, final metrics, message)."""
+             events: Events, upstream=None, checkpoints: Path | None = None) -> tuple[str, dict, str]:
+    """Train one (variant, seed) and record it; returns (status, final metrics, message).
+
+    Training state is checkpointed per epoch in ``checkpoints/<fingerprint>.pt``: kept when the run
+    is interrupted (the next ``run`` continues from it), removed once the run has an outcome."""
     from cnnbench import data as datamod
     from cnnbench import devices
     from cnnbench.techniques import compress
+    from cnnbench.techniques.checkpoint import CheckpointError
     from cnnbench.train import check_supported, train
 
     exp = spec.experiment
@@ -256,8 +274,11 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         else:
             loss_fn = compress.distill_loss(exp, weights["teacher_model"], weights["teacher"], split.data, device) \
                 if exp.distill is not None else None
+            ckpt = checkpoints / f"{spec.fingerprint}.pt" if checkpoints is not None else None
+            if ckpt is not None and ckpt.exists():
+                tracker.log(run_id, tags={"cnnbench.resumed_from": str(ckpt)})
             result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch),
-                           loss_fn=loss_fn)
+                           loss_fn=loss_fn, checkpoint=ckpt)
         compress.finish(result, exp, split, device)  # test a compressed model; inference metrics of every run
         if upstream is not None and result.status == "finished":
             upstream.save(spec.variant, spec.seed, run_id, result.model)
@@ -270,6 +291,8 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FINISHED")
         return "skipped", {}, str(e)
     except Exception as e:  # noqa: BLE001 - any error in a run is recorded, and the suite goes on
+        if checkpoints is not None and not isinstance(e, CheckpointError):  # a refused one stays for the user
+            (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
         message = f"{type(e).__name__}: {e}"
         buffered.flush(tags={"cnnbench.status": "failed", "cnnbench.reason": message[:5000]})
         tracker.log_artifacts(run_id, {"traceback.txt": traceback.format_exc(), "config.yaml": config_yaml,
@@ -277,6 +300,8 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FAILED")
         return "failed", {}, message
 
+    if checkpoints is not None:
+        (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
     tags = {"cnnbench.status": result.status} | result.tags
     if result.message:
         tags["cnnbench.reason"] = result.message

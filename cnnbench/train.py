@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from cnnbench.models import build, count_params
 from cnnbench.optim import build_optimizer, build_scheduler
 from cnnbench.techniques import compile as compiling
 from cnnbench.techniques import precision as amp
+from cnnbench.techniques.checkpoint import load_training_state, save_training_state
 
 AUGMENT_SEED_OFFSET = 1_000_003
 
@@ -92,6 +94,17 @@ def initial_model(exp: Experiment, seed: int, data) -> torch.nn.Module:
     return build(exp.model, in_channels=c, num_classes=data.num_classes, image_size=h)
 
 
+def _cpu(obj):
+    """A (nested) state dict with its tensors copied to the CPU, for a checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
 @contextlib.contextmanager
 def run_settings(exp: Experiment, device: torch.device):
     """Apply the run's global torch settings (threads, determinism, cuDNN autotuning) and restore
@@ -134,19 +147,22 @@ def train(
     evaluate_test: bool = True,
     model: torch.nn.Module | None = None,
     loss_fn: Callable | None = None,
+    checkpoint: Path | None = None,
 ) -> RunResult:
     """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
 
     ``evaluate_test=False`` (search trials) never touches the test set. Compression (issue 6):
     ``model`` starts from these weights instead of the seed's initial ones (fine-tuning);
     ``loss_fn(logits, labels, inputs)`` replaces the cross-entropy (distillation).
+    ``checkpoint``: the training state is written there (atomically) after every epoch, and a run that
+    finds one continues after its last finished epoch with the same result as an uninterrupted run.
     """
     check_supported(exp, device)
     with run_settings(exp, device):
-        return _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, loss_fn)
+        return _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, loss_fn, checkpoint)
 
 
-def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, loss_fn) -> RunResult:
+def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, loss_fn, checkpoint) -> RunResult:
     # ── setup ────────────────────────────────────────────────────────────────
     data = split.data
     c, h, w = data.shape
@@ -183,8 +199,37 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, l
     train_time = compile_time = 0.0
     target = exp.train.target_accuracy
     time_to_target = epochs_to_target = None
+    first_epoch = 1
 
-    for epoch in range(1, exp.train.epochs + 1):
+    def loop_state() -> dict:
+        return {"train_time": train_time, "compile_time": compile_time, "time_to_target": time_to_target,
+                "epochs_to_target": epochs_to_target, "best_val_loss": best_val_loss,
+                "epochs_since_best": epochs_since_best, "history": result.history}
+
+    if checkpoint is not None and checkpoint.exists():  # ── resume after the last finished epoch ──
+        state = load_training_state(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        order_gen.set_state(state["rng"]["order"])
+        augment_gen.set_state(state["rng"]["augment"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        loop = state["loop"]
+        train_time, compile_time = loop["train_time"], loop["compile_time"]
+        time_to_target, epochs_to_target = loop["time_to_target"], loop["epochs_to_target"]
+        best_val_loss, epochs_since_best = loop["best_val_loss"], loop["epochs_since_best"]
+        first_epoch = state["epoch"] + 1
+        result.metrics["resumed_from_epoch"] = state["epoch"]
+        for record in loop["history"]:  # the new MLflow run gets the whole curve
+            result.history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+
+    for epoch in range(first_epoch, exp.train.epochs + 1):
         # ── train one epoch (timed) ──────────────────────────────────────────
         model.train()
         perm = train_idx[torch.randperm(n_train, generator=order_gen).to(idx_device)]
@@ -255,14 +300,23 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, l
             "train_time_cum_s": train_time,
         }
         result.history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
 
         # ── early stopping on validation loss ────────────────────────────────
         if val_loss < best_val_loss:
             best_val_loss, epochs_since_best = val_loss, 0
         else:
             epochs_since_best += 1
+
+        # ── checkpoint (before on_epoch, where a pending Ctrl-C / SIGTERM is raised) ──
+        if checkpoint is not None and epoch < exp.train.epochs:
+            rng = {"order": order_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            save_training_state(checkpoint, epoch=epoch, model=_cpu(model.state_dict()),
+                                optimizer=_cpu(optimizer.state_dict()), scheduler=scheduler.state_dict(),
+                                scaler=scaler.state_dict() if scaler is not None else None, rng=rng, loop=loop_state())
+        if on_epoch is not None:
+            on_epoch(record)
         if patience is not None and epochs_since_best >= patience and epoch < exp.train.epochs:
             result.metrics["stopped_early_epoch"] = epoch
             break

@@ -19,11 +19,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write ``state_dict`` (tensors moved to the CPU) to ``path`` atomically: a temp file in the same
-    directory, flushed to disk, then renamed over ``path`` — a reader never sees half a file."""
+    """Write ``state_dict`` (tensors moved to the CPU) to ``path`` atomically (see :func:`save_atomic`)."""
+    return save_atomic({k: v.detach().cpu() for k, v in state_dict.items()}, path)
+
+
+def save_atomic(state, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same directory, flushed to disk, then renamed over ``path``:
+    a reader (or a resumed run after a crash) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in state_dict.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -40,6 +44,16 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path) -> Pa
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``path`` (``{"state_dict": …}`` is unwrapped), loaded with ``weights_only=True``."""
     path = Path(path)
+    state = load_safely(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_safely(path: Path):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, lists and dicts, nothing else."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -51,8 +65,30 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             f"weights_only=True only ({first}). Save model.state_dict() instead of the model.") from None
     except Exception as e:  # noqa: BLE001 - torch raises several kinds for a file that is not a checkpoint
         raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+# ───────────────────────────── resuming a training run ─────────────────────────────
+
+TRAINING_STATE_VERSION = 1
+TRAINING_STATE_KEYS = {"version", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "loop"}
+
+
+def save_training_state(path: str | Path, **state) -> Path:
+    """Everything a run needs to continue after its last finished epoch exactly as if it had not
+    stopped: model, optimizer, scheduler, GradScaler, every RNG, the loop's counters and history."""
+    return save_atomic({"version": TRAINING_STATE_VERSION, **state}, path)
+
+
+def load_training_state(path: str | Path) -> dict:
+    """The state saved by :func:`save_training_state`, loaded with ``weights_only=True``; a truncated
+    file, pickled objects or another layout are refused with the path and the way out."""
+    path = Path(path)
+    try:
+        state = load_safely(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete it to start this run from scratch") from None
+    if not isinstance(state, dict) or set(state) != TRAINING_STATE_KEYS or state["version"] != TRAINING_STATE_VERSION:
+        raise CheckpointError(f"{path}: not a cnnbench training checkpoint (version {TRAINING_STATE_VERSION}); "
+                              "delete it to start this run from scratch")
     return state

@@ -1,0 +1,126 @@
+"""Checkpoint per epoch and resume: a run stopped after an epoch and resumed ends exactly where an
+uninterrupted run ends (CPU, deterministic); bad checkpoints are refused with the way out."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from cnnbench import data as datamod
+from cnnbench.config import Experiment, deep_merge
+from cnnbench.techniques.checkpoint import CheckpointError, load_training_state
+from cnnbench.train import train
+from tests.conftest import REPO, TINY_SUITE, write_suite
+
+TIMING = ("train_time_cum_s",)
+
+
+def _experiment() -> Experiment:  # every source of state: momentum, a schedule, dropout, augmentation
+    return Experiment.model_validate(deep_merge({
+        "data": {"dataset": "synthetic", "batch_size": 64, "augment": ["random_crop", "random_erasing"],
+                 "synthetic": {"train_size": 512, "test_size": 128, "image_size": 16}},
+        "model": {"name": "lenet5", "dropout": 0.3},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "schedule": {"name": "cosine"},
+        "train": {"epochs": 4},
+        "device": "cpu",
+    }, {}))
+
+
+class Stop(Exception):
+    pass
+
+
+def _learned(result):
+    history = [{k: v for k, v in r.items() if k not in TIMING} for r in result.history]
+    metrics = {k: v for k, v in result.metrics.items() if k.startswith("test_") or k.endswith("_macro")}
+    return history, metrics
+
+
+def test_stopped_after_two_epochs_and_resumed_equals_uninterrupted(tmp_path):
+    exp = _experiment()
+    split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
+    whole = train(exp, 3, split, torch.device("cpu"))
+
+    ckpt = tmp_path / "run.pt"
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise Stop  # as a SIGTERM seen at the end of epoch 2 would
+    with pytest.raises(Stop):
+        train(exp, 3, split, torch.device("cpu"), on_epoch=stop_after_two, checkpoint=ckpt)
+    assert load_training_state(ckpt)["epoch"] == 2
+
+    replayed = []
+    resumed = train(exp, 3, split, torch.device("cpu"), on_epoch=replayed.append, checkpoint=ckpt)
+    assert resumed.metrics["resumed_from_epoch"] == 2
+    assert [r["epoch"] for r in replayed] == [1, 2, 3, 4]  # the resumed run logs the whole curve
+    assert _learned(resumed) == _learned(whole)  # bit-for-bit
+
+
+def test_truncated_and_pickled_checkpoints_are_refused(tmp_path):
+    exp = _experiment()
+    split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Stop):
+        train(exp, 0, split, torch.device("cpu"), on_epoch=lambda r: (_ for _ in ()).throw(Stop()), checkpoint=ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"run\.pt: not a torch checkpoint .*delete it to start this run from scratch"):
+        train(exp, 0, split, torch.device("cpu"), checkpoint=ckpt)
+
+    class Payload:  # what an attacker's checkpoint would carry
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"version": 1, "model": Payload()}, ckpt)
+    with pytest.raises(CheckpointError, match=r"refused: it holds pickled Python objects"):
+        train(exp, 0, split, torch.device("cpu"), checkpoint=ckpt)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_then_resume_redoes_only_what_was_lost(workdir):
+    """A real process: SIGTERM after epoch 2 of 6 → exit 143, run KILLED, checkpoint kept; the next
+    `run` continues from epoch 2 and ends with the same metrics as an uninterrupted run elsewhere."""
+    text = (TINY_SUITE.replace("epochs: 2", "epochs: 6").replace("seeds: 2", "seeds: 1")
+            .replace("  adam: {optimizer: {name: adam, lr: 0.001}}\n", ""))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    suite = write_suite(workdir / "a" / "tiny.yaml", text)
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report"],
+                            cwd=workdir / "a", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = workdir / "a" / "checkpoints" / "tiny"
+    try:
+        while proc.poll() is None and not any(ckpts.glob("*.pt")):
+            pass
+        while proc.poll() is None and load_training_state(next(ckpts.glob("*.pt")))["epoch"] < 2:
+            pass
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out
+    [ckpt] = ckpts.glob("*.pt")
+    stopped_at = load_training_state(ckpt)["epoch"]
+    assert 2 <= stopped_at < 6
+
+    def runs(where):
+        c = MlflowClient(f"sqlite:///{where / 'mlflow.db'}")
+        exp = c.get_experiment_by_name("tiny")
+        return c.search_runs([exp.experiment_id], "tags.`cnnbench.role` = 'run'")
+
+    assert [r.info.status for r in runs(workdir / "a")] == ["KILLED"]
+    resumed = subprocess.run([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report"],
+                             cwd=workdir / "a", env=env, capture_output=True, text=True, timeout=300)
+    fresh = subprocess.run([sys.executable, "-m", "cnnbench", "run", str(write_suite(workdir / "b" / "tiny.yaml", text)),
+                            "-q", "--no-report"], cwd=workdir / "b", env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and fresh.returncode == 0, resumed.stderr + fresh.stderr
+    assert not any(ckpts.glob("*.pt"))  # removed once the run finished
+    [done] = [r for r in runs(workdir / "a") if r.info.status == "FINISHED"]
+    [ref] = runs(workdir / "b")
+    assert done.data.metrics["resumed_from_epoch"] == stopped_at
+    for key in ("test_accuracy", "test_loss", "val_loss", "train_loss", "f1_macro"):
+        assert done.data.metrics[key] == ref.data.metrics[key], key
