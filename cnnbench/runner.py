@@ -224,7 +224,6 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     from cnnbench import data as datamod
     from cnnbench import devices
     from cnnbench.techniques import compress
-    from cnnbench.techniques.checkpoint import CheckpointError
     from cnnbench.train import check_supported, train
 
     exp = spec.experiment
