@@ -314,6 +314,7 @@ class Experiment(Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+CENSORED_METRICS = ("time_to_target_s", "epochs_to_target")  # missing for runs that never reach the target
 LOWER_IS_BETTER = re.compile(r"(loss|time|_s$|latency|memory|bytes|params|epochs_to)")
 
 
@@ -333,6 +334,15 @@ class ReportConfig(Strict):
     )
     higher_is_better: bool | None = Field(None, description="for the primary metric; default guessed from its name")
     alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the verdicts (Holm-corrected)")
+
+    @field_validator("primary")
+    @classmethod
+    def _not_censored(cls, v: str) -> str:
+        if v in CENSORED_METRICS:
+            raise ValueError(f"'{v}' cannot be the primary metric: it is censored (runs that never reach the target have "
+                             "none), so every report shows it as a Kaplan–Meier median instead; use train_time_s or "
+                             "train_throughput for speed")
+        return v
 
     def primary_higher_is_better(self) -> bool:
         return self.is_higher_better(self.primary)

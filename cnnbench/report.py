@@ -18,11 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from cnnbench import stats
-from cnnbench.config import Suite, plan, study_name
+from cnnbench.config import CENSORED_METRICS, Suite, plan, study_name
 from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SEARCH, ROLE_SUITE, ROLE_TRIAL, Tracker
 
 META_PREFIX = "<!-- cnnbench-report "
-CENSORED_METRICS = ("time_to_target_s", "epochs_to_target")
 
 
 # ───────────────────────────── formatting ─────────────────────────────

@@ -151,3 +151,9 @@ def test_model_knobs_and_kwargs_are_checked_against_the_factory(tmp_path):
     load(write_suite(tmp_path / "s.yaml", TINY_SUITE.replace("{name: lenet5}", "{name: torchvision.resnet18, kwargs: {zero_init_residual: true}}")))
     [msg] = problems(write_suite(tmp_path / "s.yaml", TINY_SUITE.replace("{name: lenet5}", "{name: torchvision.resnet19}")))
     assert "unknown model 'torchvision.resnet19'" in msg and "torchvision.<name>" in msg
+
+
+def test_a_censored_metric_cannot_be_the_primary(tmp_path):
+    text = TINY_SUITE + "report: {primary: time_to_target_s}\n"
+    [msg] = problems(write_suite(tmp_path / "s.yaml", text))
+    assert "report.primary: 'time_to_target_s' cannot be the primary metric: it is censored" in msg
