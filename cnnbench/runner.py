@@ -130,6 +130,7 @@ def run_suite(
 
     events = events or Events()
     t_start = time.perf_counter()
+    _start_devices(suite, device)
     mlflow_before = tracker.seconds
     searching = suite.search is not None and search
     optuna_storage = storage_url = None
@@ -189,6 +190,19 @@ def run_suite(
     )
     tracker.end_run(parent, "FINISHED")
     return outcome
+
+
+def _start_devices(suite: Suite, device_override: str | None) -> None:
+    """Start every device the suite names before anything trains: torch's autograd engine sizes its
+    per-device queues at the first backward pass, so an XLA device started after a CPU run has trained
+    fails inside backward ("device_ready_queues_" assertion). Absent devices are skipped later, per run."""
+    from cnnbench import devices
+
+    for exp in suite.experiments.values():
+        try:
+            devices.resolve(device_override or exp.device)
+        except devices.DeviceUnavailable:
+            pass
 
 
 def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, data_dir, device_override,

@@ -260,3 +260,30 @@ def test_quickstart_end_to_end_on_xla(cli, workdir, monkeypatch):
     adam = next(r for r in runs if r.data.tags["cnnbench.variant"] == "adam")
     assert adam.data.metrics["test_accuracy"] > 0.85  # it really learns on XLA
     assert (workdir / "reports" / "quickstart.md").exists()
+
+
+@pytest.mark.xla
+@xla
+def test_cpu_then_xla_in_one_suite(cli, workdir, monkeypatch):
+    """XLA is started before anything trains: started after a CPU backward pass, it failed inside autograd."""
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    suite = workdir / "s.yaml"
+    suite.write_text("""\
+name: mixed
+question: cpu and xla in one process?
+base:
+  data: {dataset: synthetic, batch_size: 64, synthetic: {train_size: 256, test_size: 64, image_size: 16}}
+  model: {name: lenet5}
+  train: {epochs: 1}
+  device: cpu
+variants:
+  cpu: {}
+  xla: {device: xla}
+baseline: cpu
+seeds: 1
+""")
+    assert cli("run", suite, "-q", "--no-report").exit_code == 0
+    runs = mlflow.search_runs(experiment_names=["mixed"], filter_string="tags.`cnnbench.role` = 'run'",
+                              output_format="list")
+    assert sorted((r.data.tags["cnnbench.device"], r.data.tags["cnnbench.status"]) for r in runs) == [
+        ("cpu", "finished"), ("xla", "finished")]
