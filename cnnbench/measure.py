@@ -3,27 +3,34 @@ latency, size on disk and non-zero parameter counts)."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
 def flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...], backward: bool = False) -> float:
     """FLOPs of one sample's forward pass (``backward=True``: forward + backward, i.e. a training
-    step without the optimizer), counted once by ``torch.utils.flop_counter`` on a CPU copy of the
-    model with a batch of 2 (batch norm in training mode needs more than one sample). The copy keeps
-    the model's hooks, so a hook sees this pass too."""
-    probe = copy.deepcopy(model).to("cpu").float()
-    probe.train(backward)
-    x = torch.zeros(2, *input_shape)
+    step without the optimizer), counted by ``torch.utils.flop_counter`` with a batch of 2 of zeros.
+
+    Runs on the model itself (no copy: a pruned model's masked weights cannot be deep-copied), in
+    eval mode so batch norm's running statistics and dropout's RNG are untouched; the gradients the
+    probe makes are dropped (``grad = None``). Hooks on the model see this pass."""
+    was_training = model.training
+    param = next(model.parameters(), None)
+    x = torch.zeros(2, *input_shape, device=param.device if param is not None else "cpu")
     counter = FlopCounterMode(display=False)
-    with counter, torch.random.fork_rng(devices=[]):  # dropout in the probe must not move the run's RNG
+    model.eval()
+    try:
+        with counter, torch.random.fork_rng(devices=[]):
+            if backward:
+                model(x).sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        model.train(was_training)
         if backward:
-            probe(x).sum().backward()
-        else:
-            with torch.no_grad():
-                probe(x)
+            for p in model.parameters():
+                p.grad = None
     return counter.get_total_flops() / 2
 
 

@@ -109,6 +109,24 @@ def test_pruned_masks_are_permanent_and_sparsity_matches_the_amount(method):
     assert params - nonzero >= round(0.49 * weights)
 
 
+def test_a_pruned_model_fine_tunes_with_its_masks_on():
+    """During fine-tuning the masks stay on, so each weight is computed (not a leaf): the training
+    loop's FLOP probe used to deep-copy the model and failed on every fine-tuned pruning variant."""
+    from cnnbench import data as datamod
+    from cnnbench.config import Experiment
+    from cnnbench.train import train
+
+    exp = Experiment.model_validate({"data": {"dataset": "synthetic", "batch_size": 64,
+                                              "synthetic": {"train_size": 256, "test_size": 64, "image_size": 16}},
+                                     "train": {"epochs": 1}, "device": "cpu"})
+    model = lenet().train()
+    pr.apply_masks(model, "l1_unstructured", 0.5)
+    before = pr.sparsity(model)["global"]
+    result = train(exp, 0, datamod.split(datamod.load(exp.data), 0.1), torch.device("cpu"), model=model)
+    assert result.status == "finished" and result.metrics["train_gflops"] > 0
+    assert pr.sparsity(model)["global"] == pytest.approx(before)  # the masks held through the update
+
+
 def test_iterative_steps_reach_the_amount_and_ln_structured_zeroes_whole_filters():
     model = lenet()
     for _ in range(3):
