@@ -9,28 +9,13 @@ import mlflow
 import pytest
 import torch
 
-from cnnbench import data as datamod
 from cnnbench import devices
-from cnnbench.config import Experiment, deep_merge
 from cnnbench.train import train
 from tests.conftest import SUITES
+from tests.test_models_data import _experiment, _split  # the same tiny synthetic experiment
 
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla not installed (run in .venv-xla: see README, TPU / XLA)")
-
-
-def _experiment(**over) -> Experiment:
-    base = {
-        "data": {"dataset": "synthetic", "batch_size": 64, "synthetic": {"train_size": 512, "test_size": 128, "image_size": 16}},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "train": {"epochs": 2},
-        "device": "cpu",
-    }
-    return Experiment.model_validate(deep_merge(base, over))
-
-
-def _split(exp):
-    return datamod.split(datamod.load(exp.data), exp.data.val_fraction)
 
 
 PROBE_BATCH = 2  # model construction (batch 1) and measure.flops_per_sample (batch 2) run fp32 probes: not training steps
