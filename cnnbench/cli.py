@@ -8,7 +8,7 @@ import sys
 
 import click
 
-EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_TRACKING_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -79,22 +79,42 @@ def main() -> None:
 @click.option("--no-report", is_flag=True, help="Do not write the report.")
 @click.option("--no-search", is_flag=True, help="Skip the suite's Optuna search: run the values written in the YAML.")
 @click.option("--storage", default=None, metavar="URL",
-              help="Optuna storage: an RDB URL (postgresql://…, sqlite:///…) or a journal file path "
+              help="Optuna storage: a journal file path (searches only), or an RDB URL (postgresql://…, sqlite:///…): "
+                   "then this process is one worker of a shared queue — start the same command on N machines "
                    "[default: optuna.journal beside the SQLite MLflow store].")
-def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage):
+@click.option("--heartbeat", "heartbeat_s", default=10, show_default=True, type=click.IntRange(min=1), metavar="SECONDS",
+              help="With an RDB --storage: how often a worker records a heartbeat for the run it holds.")
+@click.option("--grace-period", "grace_s", default=60, show_default=True, type=click.IntRange(min=1),
+              metavar="SECONDS", help="With an RDB --storage: a run whose worker sent no heartbeat for this long is "
+                                      "failed and re-queued for another worker.")
+def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
+        heartbeat_s, grace_s):
     """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md.
 
     A suite with a `search` section first tunes every variant with the same Optuna budget (only
     missing trials run when repeated), then runs each variant's best values on every seed.
     """
+    queue = None
+    from cnnbench.workqueue import QueueSettings, is_shared
+
+    if is_shared(storage):
+        if rerun:
+            _fail("--rerun cannot be used with a shared --storage queue: every worker would redo the suite; run it "
+                  "once without --storage (or on a fresh --storage database)")
+        if grace_s < heartbeat_s:
+            _fail(f"--grace-period {grace_s} is shorter than --heartbeat {heartbeat_s}: every run would look dead; "
+                  f"use a grace period of a few heartbeats")
+        queue = QueueSettings(storage, heartbeat_interval=heartbeat_s, grace_period=grace_s)
     try:
-        _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage)
+        _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
+             queue)
     except KeyboardInterrupt:  # before any run was started, or while writing the report
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage):
+def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
+         queue):
     spec = _load(suite, overrides)
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
@@ -123,7 +143,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         preload_data(spec, data_dir)
     except DataNotFoundError as e:
         _fail(str(e))
-    from cnnbench.tracking import StoreBusy, exclusive_sqlite, resolve_uri
+    from cnnbench.tracking import StoreBusy, TrackingLost, exclusive_sqlite, resolve_uri
 
     store_lock = contextlib.ExitStack()  # released when the runs are done (or at exit, on any error)
     try:  # before the store is opened: two processes must not both create a fresh SQLite store
@@ -147,13 +167,17 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         with store_lock, events:
             outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
                                 command=_reproduce_command(suite, overrides, device, no_search),
-                                search=not no_search, storage=storage)
+                                search=not no_search, storage=storage, queue=queue)
     except StorageUnavailable as e:
         _fail(f"{e}\n(--storage takes postgresql://user@host/db, sqlite:///path.db or a journal file path)")
     except Interrupted as e:
         click.echo(f"interrupted: runs in flight were recorded as KILLED in MLflow ({tracker.uri}); "
                    f"run the same command again to continue.", err=True)
         sys.exit(e.exit_code)
+    except TrackingLost as e:
+        _fail(f"{e}.\nNothing was lost silently: the run in flight was not recorded and keeps its checkpoint"
+              f"{' and went back to the queue' if queue else ''}; start the tracking server again and run the same "
+              f"command to redo it.", EXIT_TRACKING_LOST)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

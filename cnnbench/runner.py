@@ -19,7 +19,7 @@ import yaml
 from cnnbench import __version__
 from cnnbench.config import RunSpec, Suite, flatten, plan
 from cnnbench.techniques.checkpoint import CheckpointError
-from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, worker_id
+from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, TrackingLost, worker_id
 
 
 def checkpoint_dir(tracking_uri: str) -> Path:
@@ -120,12 +120,18 @@ def run_suite(
     command: str | None = None,
     search: bool = True,
     storage: str | None = None,
+    queue=None,
 ) -> SuiteOutcome:
     """Tune each variant (when the suite has a ``search`` and ``search`` is true), then run every planned
     (variant, seed) not already done; ``command`` is recorded as the way to reproduce.
 
     ``storage``: the Optuna storage URL or journal path (default: a journal beside the MLflow store).
+    ``queue``: a :class:`cnnbench.workqueue.QueueSettings` — this process is one of possibly many
+    workers sharing the suite's runs through that RDB storage (:func:`run_worker`).
     """
+    if queue is not None:
+        return run_worker(suite, tracker, queue, data_dir=data_dir, device=device, events=events, command=command,
+                          search=search)
     from cnnbench.environment import capsule
 
     events = events or Events()
@@ -141,19 +147,7 @@ def run_suite(
         optuna_storage = open_storage(storage_url)
     exp_id = tracker.experiment_id(suite.name)
     env = capsule(command=command)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    parent = tracker.start_run(
-        exp_id,
-        f"{suite.name} @ {stamp}",
-        {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE, "cnnbench.version": __version__,
-         "cnnbench.command": env["command"], "cnnbench.source": suite.source, "cnnbench.git_commit": env["git_commit"],
-         "cnnbench.worker": worker_id()},
-    )
-    tracker.log(parent, params={f"env.{k}": v for k, v in env.items()} | {"seeds": suite.seed_list()}
-                | ({"optuna_storage": storage_url} if searching else {}),
-                tags={"cnnbench.searched": str(searching).lower()})
-    tracker.log_artifacts(parent, {"suite.yaml": yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False),
-                                   "environment.json": env})
+    parent = _create_parent(tracker, exp_id, suite, env, searching, storage_url)
     outcome = SuiteOutcome(parent)
 
     try:
@@ -182,14 +176,168 @@ def run_suite(
 
     outcome.wall_s = time.perf_counter() - t_start
     outcome.mlflow_s = tracker.seconds - mlflow_before
+    _close_parent(tracker, parent, outcome.counts, outcome.reused, outcome.wall_s, outcome.mlflow_s)
+    return outcome
+
+
+def _create_parent(tracker: Tracker, exp_id: str, suite: Suite, env: dict, searching: bool,
+                   storage_url: str | None) -> str:
+    """The suite's parent run (one per invocation, or per round of a shared queue) with the environment."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    parent = tracker.start_run(
+        exp_id,
+        f"{suite.name} @ {stamp}",
+        {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE, "cnnbench.version": __version__,
+         "cnnbench.command": env["command"], "cnnbench.source": suite.source, "cnnbench.git_commit": env["git_commit"],
+         "cnnbench.worker": worker_id()},
+    )
+    tracker.log(parent, params={f"env.{k}": v for k, v in env.items()} | {"seeds": suite.seed_list()}
+                | ({"optuna_storage": storage_url} if storage_url else {}),
+                tags={"cnnbench.searched": str(searching).lower()})
+    tracker.log_artifacts(parent, {"suite.yaml": yaml.safe_dump(suite.model_dump(mode="json"), sort_keys=False),
+                                   "environment.json": env})
+    return parent
+
+
+def _close_parent(tracker: Tracker, parent: str, counts: Counter, reused: int, wall_s: float, mlflow_s: float) -> None:
     tracker.log(
         parent,
-        metrics={f"runs_{k}": v for k, v in outcome.counts.items()}
-        | {"runs_reused": outcome.reused, "suite_wall_s": outcome.wall_s, "mlflow_overhead_s": outcome.mlflow_s},
-        tags={"cnnbench.status": "failed" if outcome.exit_code else "finished"},
+        metrics={f"runs_{k}": v for k, v in counts.items()}
+        | {"runs_reused": reused, "suite_wall_s": wall_s, "mlflow_overhead_s": mlflow_s},
+        tags={"cnnbench.status": "failed" if counts.get("failed") else "finished"},
     )
     tracker.end_run(parent, "FINISHED")
+
+
+def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None = None, device: str | None = None,
+               events: Events | None = None, command: str | None = None, search: bool = True) -> SuiteOutcome:
+    """One worker of a shared queue (:mod:`cnnbench.workqueue`): help with the searches, then pop and run
+    (variant, seed) runs until none is waiting or running. Interrupting a worker puts its run back in the
+    queue (its MLflow run ends KILLED); the others go on. ``outcome.counts`` are this worker's runs."""
+    from cnnbench import workqueue as wq
+    from cnnbench.environment import capsule
+    from cnnbench.techniques.compress import Upstream
+
+    events = events or Events()
+    t_start = time.perf_counter()
+    mlflow_before = tracker.seconds
+    _start_devices(suite, device)
+    storage = wq.open_storage(settings)  # before anything is written: a bad URL fails fast
+    wq.stale_callback(storage).tracker = tracker
+    searching = suite.search is not None and search
+    exp_id = tracker.experiment_id(suite.name)
+    env = capsule(command=command)
+    queue = wq.RunQueue(storage, suite, settings)
+    if queue.join():  # the leader: the round's parent run and search runs, once
+        parent = _create_parent(tracker, exp_id, suite, env, searching, settings.url)
+        if searching:
+            _prepare_searches(suite, tracker, exp_id, parent, storage, device)
+        queue.publish_parent(parent)
+    elif (parent := queue.wait_for_attr(wq.ATTR_PARENT)) is None:  # the leader died before publishing it
+        parent = _create_parent(tracker, exp_id, suite, env, searching, settings.url)
+        queue.publish_parent(parent)
+    tracker.log(parent, tags={f"cnnbench.worker.{worker_id()}": "joined"})
+    outcome = SuiteOutcome(parent)
+
+    tuned = _tune_all(suite, tracker, exp_id, parent, storage, data_dir, device, events) if searching else None
+    specs = plan(suite, tuned)
+    upstream = Upstream(suite, tracker, exp_id)
+    if queue.leader or queue.wait_for_attr(wq.ATTR_FILLED) is None:
+        done = tracker.done_runs(exp_id, suite.name)
+        queue.fill(upstream.order(specs, [s for s in specs if s.fingerprint not in done or s.skip_reason], done))
+    by_key = {s.plan_key: s for s in specs}
+    queued = len({t.user_attrs.get("plan_key") for t in queue.study.get_trials(deepcopy=False)} - {None})
+    outcome.reused = len(specs) - queued
+    events.suite_start(suite, specs, outcome.reused)
+    checkpoints = checkpoint_dir(tracker.uri) / suite.name
+    while True:
+        raise_if_interrupted()
+        trial = queue.pop()
+        if trial is None:
+            if not queue.counts()["running"]:
+                break
+            time.sleep(settings.poll_s)  # others still run: stay, to pick up a dead worker's run
+            continue
+        spec = by_key.get(trial.user_attrs["plan_key"])
+        if spec is None:  # enqueued from another plan (a different suite file under the same name)
+            trial.set_user_attr("status", "failed")
+            queue.study.tell(trial, state=_trial_state("FAIL"))
+            continue
+        status = _work_on(trial, spec, queue, by_key, tracker, exp_id, parent, env, data_dir, device, events,
+                          upstream, checkpoints, sum(outcome.counts.values()), queued)
+        if status is not None:
+            outcome.counts[status] += 1
+
+    outcome.wall_s = time.perf_counter() - t_start
+    outcome.mlflow_s = tracker.seconds - mlflow_before
+    if queue.drained() and tracker.client.get_run(parent).info.status == "RUNNING":  # the last worker out
+        counts = Counter(queue.results().values())
+        _close_parent(tracker, parent, counts, outcome.reused, outcome.wall_s, outcome.mlflow_s)
     return outcome
+
+
+def _trial_state(name: str):
+    from optuna.trial import TrialState
+
+    return TrialState[name]
+
+
+def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id: str, parent: str, env: dict,
+             data_dir, device, events: Events, upstream, checkpoints: Path, index: int, total: int) -> str | None:
+    """Run one popped queue trial while its heartbeat beats; returns the run's status, or None when the
+    trial went back to the queue (its source/teacher is still running elsewhere)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    from cnnbench import workqueue as wq
+    from cnnbench.config import upstream_variants
+
+    with wq.heartbeat(queue.study, trial):
+        trial.set_user_attr("worker", worker_id())
+        for up in upstream_variants(queue.suite, spec.variant):
+            src = next((s for s in by_key.values() if s.variant == up and s.seed == spec.seed), None)
+            if src is not None and queue.state_of(src.plan_key) == "pending":
+                wq.requeue(queue.study, trial, f"waiting for {up} seed {spec.seed}")
+                time.sleep(queue.settings.poll_s)
+                return None
+        def started(run_id: str) -> None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        events.run_start(spec, index, total)
+        try:
+            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, upstream,
+                                                checkpoints, started)
+        except (KeyboardInterrupt, Interrupted):
+            wq.requeue(queue.study, trial, "interrupted")
+            raise
+        except TrackingLost:
+            wq.requeue(queue.study, trial, "tracking server lost")
+            raise
+        trial.set_user_attr("status", status)
+        try:
+            queue.study.tell(trial, 0.0)
+        except UpdateFinishedTrialError:  # declared stale meanwhile (no heartbeat for the grace period): re-queued
+            pass
+        events.run_end(spec, status, metrics, message)
+        return status
+
+
+def _prepare_searches(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, device_override) -> None:
+    """The leader creates every variant's study and search run before other workers start tuning,
+    so each exists once."""
+    import optuna
+
+    from cnnbench import devices
+    from cnnbench.config import study_name
+    from cnnbench.search import _search_run
+
+    for name, exp in suite.experiments.items():
+        try:
+            devices.resolve(device_override or exp.device)
+        except devices.DeviceUnavailable:
+            continue
+        optuna.create_study(storage=storage, study_name=study_name(suite, name), direction=suite.search.direction,
+                            load_if_exists=True)
+        _search_run(tracker, exp_id, parent, suite, name, study_name(suite, name), exp, suite.search_space(name))
 
 
 def _start_devices(suite: Suite, device_override: str | None) -> None:
@@ -230,8 +378,10 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
 
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
-             events: Events, upstream=None, checkpoints: Path | None = None) -> tuple[str, dict, str]:
+             events: Events, upstream=None, checkpoints: Path | None = None,
+             started=None) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message).
+    ``started(run_id)`` is called once its MLflow run exists (a shared queue notes it on the trial).
 
     Training state is checkpointed per epoch in ``checkpoints/<fingerprint>.pt``: kept when the run
     is interrupted (the next ``run`` continues from it), removed once the run has an outcome."""
@@ -269,7 +419,11 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FINISHED")
         return "skipped", {}, skip
 
+    tracker.end_abandoned(exp_id, spec.fingerprint, "its process stopped before ending it (killed, or the tracking "
+                                                     "server stopped answering); the run was started again")
     run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": device.type}, parent)
+    if started is not None:
+        started(run_id)
     buffered = BufferedRun(tracker, run_id, params=flatten(exp.model_dump(mode="json")) | {"seed": spec.seed})
     run_env = env | devices.describe(device)
 
@@ -299,6 +453,8 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         buffered.flush(tags={"cnnbench.status": "killed"})
         tracker.end_run(run_id, "KILLED")
         raise
+    except TrackingLost:  # fail loudly: the checkpoint stays, the next `run` redoes what was not recorded
+        raise
     except compress.Missing as e:  # issue 6: its source or teacher did not finish
         buffered.flush(tags={"cnnbench.status": "skipped", "cnnbench.reason": str(e)})
         tracker.end_run(run_id, "FINISHED")
@@ -313,8 +469,6 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FAILED")
         return "failed", {}, message
 
-    if checkpoints is not None:
-        (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
     tags = {"cnnbench.status": result.status} | result.tags
     if result.message:
         tags["cnnbench.reason"] = result.message
@@ -324,6 +478,8 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         artifacts["confusion_matrix.json"] = result.confusion
     tracker.log_artifacts(run_id, artifacts)
     tracker.end_run(run_id, "FINISHED")
+    if checkpoints is not None:  # only once the result is recorded: a lost tracking server leaves it for the redo
+        (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
     return result.status, result.metrics, result.message
 
 

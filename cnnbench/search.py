@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ import yaml
 from cnnbench.config import Experiment, ParamSpec, RunSpec, SearchConfig, Suite, flatten, set_dotted, study_name
 from cnnbench.runner import Interrupted, interruptible, raise_if_interrupted
 from cnnbench.tracking import ROLE_SEARCH, ROLE_TRIAL, BufferedRun, Tracker, worker_id
+from cnnbench.workqueue import ask, fail_stale, heartbeat, heartbeat_enabled
+
+POLL_S = 2.0  # how often a worker looks again while other workers' trials run
 
 TUNING_SEED_BASE = 10_000  # tuning seeds are 10000, 10001, …: never the evaluation seeds
 JOURNAL_NAME = "optuna.journal"
@@ -138,11 +142,16 @@ class TuningResult:
     ran: int = 0  # trials run in this invocation
 
 
-def _counted(trial) -> bool:
+def _counted(trial, trials=()) -> bool:
+    """Finished, and neither interrupted nor failed for lack of heartbeats and re-queued (a copy in
+    ``trials`` names it in its retry history): those do not use up the budget."""
     from optuna.trial import TrialState
 
     finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return finished and not trial.user_attrs.get("interrupted", False)
+    if not finished or trial.user_attrs.get("interrupted", False):
+        return False
+    return trial.state != TrialState.FAIL or not any(trial.number in t.system_attrs.get("retry_history", ())
+                                                     for t in trials)
 
 
 def _state_name(state) -> str:
@@ -165,22 +174,38 @@ def tune_variant(suite: Suite, variant: str, tracker: Tracker, exp_id: str, pare
     study.set_user_attr("cnnbench.variant", variant)
     search_run = _search_run(tracker, exp_id, parent_id, suite, variant, name, exp, space)
     result = TuningResult(variant, name, None, None)
+    shared = heartbeat_enabled(storage)  # several workers may tune this study at once (cnnbench.workqueue)
     try:
-        while (done := sum(_counted(t) for t in study.get_trials(deepcopy=False))) < search.trials:
+        while True:
             raise_if_interrupted()
-            trial = study.ask()
+            if shared:
+                fail_stale(study)  # a dead worker's trial: failed, its MLflow run ended, a copy re-queued
+            trials = study.get_trials(deepcopy=False)
+            done = sum(_counted(t, trials) for t in trials)
+            waiting = sum(t.state == TrialState.WAITING for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials) if shared else 0
+            if done + running + waiting >= search.trials and not waiting:
+                if not running:
+                    break
+                time.sleep(POLL_S)  # the budget is taken: wait for the other workers' trials
+                continue
+            trial = ask(study)  # pops a re-queued trial first
             spec = RunSpec(suite.name, variant, TUNING_SEED_BASE, exp, study=name, trial=trial.number)
             events.trial_start(spec, done, search.trials)
-            state, value, message = _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search_run,
-                                               load_split, device, events, spec)
+            with heartbeat(study, trial):
+                trial.set_user_attr("worker", worker_id())
+                state, value, message = _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id,
+                                                   search_run, load_split, device, events, spec)
             result.ran += 1
             events.trial_end(spec, state, value, message)
     except (KeyboardInterrupt, Interrupted):
-        tracker.log(search_run, tags={"cnnbench.status": "killed"})
-        tracker.end_run(search_run, "KILLED")  # reused, and finished, when the search resumes
+        if not shared:  # other workers may still be tuning it: the last one ends the search run
+            tracker.log(search_run, tags={"cnnbench.status": "killed"})
+            tracker.end_run(search_run, "KILLED")  # reused, and finished, when the search resumes
         raise
 
-    trials = [t for t in study.get_trials(deepcopy=False) if _counted(t)]
+    all_trials = study.get_trials(deepcopy=False)
+    trials = [t for t in all_trials if _counted(t, all_trials)]
     result.counts = Counter(_state_name(t.state) for t in trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:

@@ -52,6 +52,29 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or opened."""
 
 
+class TrackingLost(RuntimeError):
+    """The tracking store stopped answering mid-suite. cnnbench fails loudly rather than buffering:
+    the run in flight keeps its checkpoint (and, with a shared queue, goes back to the queue), the
+    suite stops with exit 3, and the next ``cnnbench run`` redoes what was not recorded."""
+
+
+def _connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means the store cannot be reached, rather than a refused request."""
+    import requests
+
+    try:
+        from sqlalchemy.exc import OperationalError
+    except ImportError:  # pragma: no cover - sqlalchemy comes with mlflow
+        OperationalError = ()  # noqa: N806
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout, OperationalError, ConnectionError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class StoreBusy(RuntimeError):
     """Another ``cnnbench run`` holds the SQLite store."""
 
@@ -129,6 +152,11 @@ class Tracker:
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
+        except Exception as e:
+            if _connection_error(e):
+                raise TrackingLost(f"the MLflow tracking store at {self.uri} stopped answering ({type(e).__name__}: "
+                                   f"{str(e)[:300]})") from e
+            raise
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -223,6 +251,17 @@ class Tracker:
             if r.data.tags.get("cnnbench.status") in DONE_STATUSES:
                 out[r.data.tags["cnnbench.fingerprint"]] = r.info.run_id
         return out
+
+    def end_abandoned(self, experiment_id: str, fingerprint: str, reason: str) -> int:
+        """End as FAILED the earlier attempts of a run still marked RUNNING: their process died (SIGKILL,
+        a lost tracking server) before it could end them. Called when the same run starts again — by
+        then no live process holds it (the SQLite lock, or the queue trial this worker popped)."""
+        runs = self.search(experiment_id, f"tags.`cnnbench.fingerprint` = '{fingerprint}' and "
+                                          f"tags.`cnnbench.role` = '{ROLE_RUN}' and attributes.status = 'RUNNING'")
+        for r in runs:
+            self.log(r.info.run_id, tags={"cnnbench.status": "failed", "cnnbench.reason": reason})
+            self.end_run(r.info.run_id, "FAILED")
+        return len(runs)
 
     def runs_frame(self, suite: str) -> pd.DataFrame:
         """Every run of the suite: one row each with ``run_id``, ``status``, ``start_time``, ``role``,
