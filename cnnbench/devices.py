@@ -106,6 +106,40 @@ def synchronize(device: torch.device) -> None:
         xm.wait_device_ops()
 
 
+def manual_seed(device: torch.device, seed: int) -> None:
+    """Seed the device's own generator where ``torch.manual_seed`` does not reach it (XLA)."""
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed, device)
+
+
+def rng_state(device: torch.device):
+    """The device's own random state (dropout on the device), for a checkpoint; None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        return int(xm.get_rng_state(device))
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_rng_state(device: torch.device, state) -> None:
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(int(state), device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
 def compile_seconds(device: torch.device) -> float:
     """Seconds XLA has spent compiling graphs in this process so far (0 on other devices); callers
     take differences, so time spent compiling can be reported apart from steady-state throughput."""

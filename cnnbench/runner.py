@@ -270,7 +270,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
 
     outcome.wall_s = time.perf_counter() - t_start
     outcome.mlflow_s = tracker.seconds - mlflow_before
-    if queue.drained() and tracker.client.get_run(parent).info.status == "RUNNING":  # the last worker out
+    if queue.drained() and tracker.run_status(parent) == "RUNNING":  # the last worker out
         counts = Counter(queue.results().values())
         _close_parent(tracker, parent, counts, outcome.reused, outcome.wall_s, outcome.mlflow_s)
     return outcome
@@ -293,6 +293,10 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
 
     with wq.heartbeat(queue.study, trial):
         trial.set_user_attr("worker", worker_id())
+        if tracker.done_runs(exp_id, spec.suite, spec.fingerprint):  # at-least-once queue, exactly-once results: a
+            trial.set_user_attr("status", "reused")  # worker declared dead too early may still have finished it
+            queue.study.tell(trial, 0.0)
+            return None
         for up in upstream_variants(queue.suite, spec.variant):
             src = next((s for s in by_key.values() if s.variant == up and s.seed == spec.seed), None)
             if src is not None and queue.state_of(src.plan_key) == "pending":

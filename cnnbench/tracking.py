@@ -240,17 +240,24 @@ class Tracker:
             if not token:
                 return runs
 
-    def done_runs(self, experiment_id: str, suite: str) -> dict[str, str]:
-        """fingerprint → run id of child runs that finished (or diverged) and ended cleanly in MLflow."""
+    def done_runs(self, experiment_id: str, suite: str, fingerprint: str | None = None) -> dict[str, str]:
+        """fingerprint → run id of child runs that finished (or diverged) and ended cleanly in MLflow
+        (only those of ``fingerprint`` when given)."""
+        only = f" and tags.`cnnbench.fingerprint` = '{fingerprint}'" if fingerprint else ""
         runs = self.search(
             experiment_id,
-            f"tags.`cnnbench.suite` = '{suite}' and tags.`cnnbench.role` = '{ROLE_RUN}' and attributes.status = 'FINISHED'",
+            f"tags.`cnnbench.suite` = '{suite}' and tags.`cnnbench.role` = '{ROLE_RUN}' and attributes.status = 'FINISHED'"
+            + only,
         )
         out = {}
         for r in sorted(runs, key=lambda r: r.info.start_time):
             if r.data.tags.get("cnnbench.status") in DONE_STATUSES:
                 out[r.data.tags["cnnbench.fingerprint"]] = r.info.run_id
         return out
+
+    def run_status(self, run_id: str) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return self._timed(self.client.get_run, run_id).info.status
 
     def end_abandoned(self, experiment_id: str, fingerprint: str, reason: str) -> int:
         """End as FAILED the earlier attempts of a run still marked RUNNING: their process died (SIGKILL,

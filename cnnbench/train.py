@@ -170,6 +170,7 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, l
     step_flops = flops_per_sample(model, (c, h, w), backward=True)  # counted once, on a CPU copy
     memory_format = torch.channels_last if exp.train.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    devices.manual_seed(device, seed)  # dropout on XLA draws from the device's generator, which the seed must fix
     step_model = compiling.compile_model(model, exp.train.compile_mode) if exp.train.compile else model
     precision = exp.train.precision
     autocast = lambda: amp.autocast(precision, device)  # noqa: E731 - a fresh context per use
@@ -216,8 +217,7 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, l
         order_gen.set_state(state["rng"]["order"])
         augment_gen.set_state(state["rng"]["augment"])
         torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        devices.set_rng_state(device, state["rng"].get("device", state["rng"].get("cuda")))
         loop = state["loop"]
         train_time, compile_time = loop["train_time"], loop["compile_time"]
         time_to_target, epochs_to_target = loop["time_to_target"], loop["epochs_to_target"]
@@ -309,9 +309,8 @@ def _train(exp, seed, split, device, on_epoch, on_batch, evaluate_test, model, l
 
         # ── checkpoint (before on_epoch, where a pending Ctrl-C / SIGTERM is raised) ──
         if checkpoint is not None and epoch < exp.train.epochs:
-            rng = {"order": order_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
+            rng = {"order": order_gen.get_state(), "augment": augment_gen.get_state(), "torch": torch.get_rng_state(),
+                   "device": devices.rng_state(device)}  # CUDA, XLA, MPS: dropout's generator on the device
             save_training_state(checkpoint, epoch=epoch, model=_cpu(model.state_dict()),
                                 optimizer=_cpu(optimizer.state_dict()), scheduler=scheduler.state_dict(),
                                 scaler=scaler.state_dict() if scaler is not None else None, rng=rng, loop=loop_state())

@@ -236,16 +236,37 @@ class RunQueue:
     def counts(self) -> dict[str, int]:
         from optuna.trial import TrialState
 
-        trials = self.study.get_trials(deepcopy=False)
+        trials = [t for t in self.study.get_trials(deepcopy=False) if "plan_key" in t.user_attrs]
         return {"waiting": sum(t.state == TrialState.WAITING for t in trials),
                 "running": sum(t.state == TrialState.RUNNING for t in trials)}
+
+    def _fail_unclaimed(self) -> None:
+        """A worker that died between popping a trial and its first heartbeat left it RUNNING with no
+        heartbeat, which Optuna never calls stale: fail and re-queue it once it is a grace period old."""
+        import datetime
+
+        import optuna
+        from optuna.trial import TrialState
+
+        now = datetime.datetime.now()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            age = (now - t.datetime_start).total_seconds() if t.datetime_start else 0
+            if "worker" not in t.user_attrs and age > self.settings.grace_period:
+                try:
+                    if not self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                        continue
+                except Exception:  # noqa: BLE001 - another worker failed it first (UpdateFinishedTrialError)
+                    continue
+                if "plan_key" in t.user_attrs:
+                    self.study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=t.user_attrs))
 
     def pop(self):
         """The next queued run as a RUNNING trial, or None when nothing is waiting."""
         from optuna.trial import TrialState
 
         fail_stale(self.study)  # dead workers' runs: failed, their MLflow runs ended, re-queued
-        while self.counts()["waiting"]:
+        self._fail_unclaimed()
+        while self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             trial = ask(self.study)
             if "plan_key" in trial.user_attrs:
                 return trial

@@ -272,3 +272,29 @@ seeds: 1
                               output_format="list")
     assert sorted((r.data.tags["cnnbench.device"], r.data.tags["cnnbench.status"]) for r in runs) == [
         ("cpu", "finished"), ("xla", "finished")]
+
+
+@pytest.mark.xla
+@xla
+def test_xla_resume_restores_the_device_rng(monkeypatch, tmp_path):
+    """Dropout on XLA draws from the device's generator: a run stopped after epoch 1 and resumed from its
+    checkpoint ends where the uninterrupted run ends."""
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    device = devices.resolve("xla")
+    exp = _experiment(train={"epochs": 2}, model={"dropout": 0.5})
+    split = _split(exp)
+    whole = train(exp, 0, split, device)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Stop):
+        train(exp, 0, split, device, on_epoch=stop, checkpoint=ckpt)
+    resumed = train(exp, 0, split, device, checkpoint=ckpt)
+    assert resumed.metrics["resumed_from_epoch"] == 1
+    assert resumed.metrics["test_accuracy"] == whole.metrics["test_accuracy"]
+    assert resumed.history[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"], rel=1e-6)
