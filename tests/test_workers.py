@@ -306,3 +306,48 @@ def test_a_run_popped_by_a_worker_that_died_before_its_first_heartbeat_is_requeu
     assert not other.join()  # the same round: it still holds work
     again = other.pop()
     assert again is not None and again.user_attrs["plan_key"] == "k0" and again.number != dead.number
+
+
+def test_a_search_trial_of_a_killed_worker_is_retried_and_the_budget_still_holds(new_database, mlflow_server, workdir):
+    import optuna
+    from optuna.trial import TrialState
+
+    from cnnbench.search import _counted
+
+    storage = new_database()
+    text = SEARCHED.replace("name: searched", "name: searchkill").replace("epochs: 2", "epochs: 6") \
+        .replace("trials: 4", "trials: 3").replace("seeds: 2", "seeds: 1")
+    suite = write_suite(workdir / "searchkill.yaml", text)
+    workers = [_worker(suite, storage, mlflow_server, workdir) for _ in range(2)]
+    deadline, victim = time.monotonic() + 120, None
+    while victim is None and time.monotonic() < deadline:
+        try:
+            for s in optuna.get_all_study_summaries(storage):
+                for t in optuna.load_study(study_name=s.study_name, storage=storage).trials:
+                    if ".queue." not in s.study_name and t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs:
+                        victim = t
+        except Exception:  # noqa: BLE001 - the schema may not exist yet
+            pass
+        time.sleep(0.2)
+    assert victim is not None, "no search trial started"
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    [killed] = [w for w in workers if w.pid == pid]
+    killed.send_signal(signal.SIGKILL)
+    [survivor] = [w for w in workers if w is not killed]
+    out, _ = survivor.communicate(timeout=600)
+    killed.wait()
+    assert survivor.returncode == 0, out
+
+    for s in optuna.get_all_study_summaries(storage):
+        if ".queue." in s.study_name:
+            continue
+        trials = optuna.load_study(study_name=s.study_name, storage=storage).trials
+        assert sum(_counted(t, trials) for t in trials) == 3, s.study_name  # the dead trial does not use up budget
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if any(t.number == victim.number and t.state == TrialState.FAIL for t in trials):  # the victim's study
+            assert any(t.system_attrs.get("failed_trial") == victim.number for t in trials)  # retried with its params
+    client = MlflowClient(mlflow_server)
+    dead = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED" and "stopped sending heartbeats" in dead.data.tags["cnnbench.reason"]
+    runs = _runs(mlflow_server, "searchkill")
+    assert Counter(r.data.tags["cnnbench.variant"] for r in runs) == Counter({"sgd": 1, "adam": 1})
