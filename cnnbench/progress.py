@@ -85,3 +85,6 @@ class RichEvents(Events):
                     else "no trial completed")
             counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts.items()))
             self.console.print(f"search {result.variant}: {best} ({counts}; {result.ran} run now)")
+
+    def warning(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}")  # also when quiet

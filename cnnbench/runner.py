@@ -86,6 +86,7 @@ class Events:
     def trial_start(self, spec: RunSpec, done: int, total: int) -> None: ...
     def trial_end(self, spec: RunSpec, state: str, value: float | None, message: str) -> None: ...
     def search_end(self, result) -> None: ...
+    def warning(self, message: str) -> None: ...
 
 
 @dataclass
@@ -303,6 +304,8 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
                 wq.requeue(queue.study, trial, f"waiting for {up} seed {spec.seed}")
                 time.sleep(queue.settings.poll_s)
                 return None
+        _warn_if_oversubscribed(queue, spec, device, events)
+
         def started(run_id: str) -> None:
             trial.set_user_attr("mlflow_run_id", run_id)
 
@@ -323,6 +326,33 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
             pass
         events.run_end(spec, status, metrics, message)
         return status
+
+
+_warned: set[str] = set()
+
+
+def _warn_if_oversubscribed(queue, spec: RunSpec, device_override, events: Events) -> None:
+    """Once per worker: several local workers whose CPU runs together ask for more threads than there are cores."""
+    import os
+    import socket
+
+    import torch
+
+    from cnnbench import devices
+    from cnnbench.workqueue import oversubscription
+
+    if "cpu" in _warned:
+        return
+    try:
+        if devices.resolve(device_override or spec.experiment.device).type != "cpu":
+            return
+    except devices.DeviceUnavailable:
+        return
+    threads = spec.experiment.train.threads or torch.get_num_threads()
+    message = oversubscription(queue.colocated(socket.gethostname()), threads, os.cpu_count() or 1)
+    if message:
+        _warned.add("cpu")
+        events.warning(message)
 
 
 def _prepare_searches(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, device_override) -> None:

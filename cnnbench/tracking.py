@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import tempfile
 import time
@@ -70,6 +71,19 @@ def _connection_error(exc: BaseException) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (requests.ConnectionError, requests.Timeout, OperationalError, ConnectionError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _schema_race(exc: BaseException) -> bool:
+    """Another process created the same table first (PostgreSQL: UniqueViolation on pg_type)."""
+    try:
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+    except ImportError:  # pragma: no cover
+        return False
+    while exc is not None:
+        if isinstance(exc, (IntegrityError, ProgrammingError)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -141,11 +155,17 @@ class Tracker:
 
         if uri.startswith(("http://", "https://")):
             _check_server(uri)  # MLflow's own client retries for minutes before giving up
-        self.client = MlflowClient(tracking_uri=absolute_uri(uri))
-        try:
-            self.client.search_experiments(max_results=1)  # opens/creates the store; fails fast if unreachable
-        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
-            raise TrackingUnavailable(f"cannot open the MLflow tracking store at {uri}: {type(e).__name__}: {e}") from None
+        for attempt in range(6):
+            try:
+                self.client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here
+                self.client.search_experiments(max_results=1)  # opens the store; fails fast if unreachable
+                break
+            except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
+                if _schema_race(e) and attempt < 5:  # N workers creating a fresh database's tables at once
+                    time.sleep(0.2 + random.random())
+                    continue
+                raise TrackingUnavailable(f"cannot open the MLflow tracking store at {uri}: {type(e).__name__}: "
+                                          f"{str(e)[:500]}") from None
         self.seconds += time.perf_counter() - t0
 
     def _timed(self, fn, *args, **kwargs):

@@ -44,6 +44,9 @@ def new_database():
         return f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
 
     yield new
+    for storage in _STORAGES.values():
+        storage.engine.dispose()
+    _STORAGES.clear()
     for name in made:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
@@ -96,10 +99,26 @@ def _suite(workdir: Path, name: str, seeds: int, epochs: int) -> Path:
     return write_suite(workdir / f"{name}.yaml", text)
 
 
+_SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_workers():
+    """A failed assertion must not leave workers running into the next test."""
+    yield
+    for proc in _SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    _SPAWNED.clear()
+
+
 def _worker(suite: Path, storage: str, tracking: str, cwd: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report",
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report",
                              "--storage", storage, "--tracking-uri", tracking, *FAST_HEARTBEAT, *extra],
                             cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _SPAWNED.append(proc)
+    return proc
 
 
 def _runs(tracking: str, suite: str, role: str = "run") -> list:
@@ -108,11 +127,23 @@ def _runs(tracking: str, suite: str, role: str = "run") -> list:
     return client.search_runs([exp.experiment_id], f"tags.`cnnbench.role` = '{role}'", max_results=1000)
 
 
-def _queue_trials(storage: str, suite: str):
+_STORAGES: dict = {}  # one Optuna storage per database: a new one per poll leaked connections until PostgreSQL
+#                       refused clients ("too many clients already")
+
+
+def _studies(url: str) -> dict[str, list]:
+    """study name → its trials, for every study in the database at ``url``."""
     import optuna
 
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith(f"{suite}.queue.")]
-    return [t for name in names for t in optuna.load_study(study_name=name, storage=storage).trials]
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.RDBStorage(url)
+    storage = _STORAGES[url]
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).trials
+            for s in storage.get_all_studies()}
+
+
+def _queue_trials(storage: str, suite: str):
+    return [t for name, trials in _studies(storage).items() if name.startswith(f"{suite}.queue.") for t in trials]
 
 
 def _wait_running(storage: str, suite: str, n: int, timeout: float = 120) -> list:
@@ -262,7 +293,6 @@ seeds: 2
 
 
 def test_two_workers_share_a_search_without_exceeding_its_budget(new_database, mlflow_server, workdir):
-    import optuna
 
     storage = new_database()
     suite = write_suite(workdir / "searched.yaml", SEARCHED)
@@ -270,10 +300,9 @@ def test_two_workers_share_a_search_without_exceeding_its_budget(new_database, m
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(outs)
 
-    studies = [s.study_name for s in optuna.get_all_study_summaries(storage) if ".queue." not in s.study_name]
+    studies = {name: trials for name, trials in _studies(storage).items() if ".queue." not in name}
     assert len(studies) == 2
-    for name in studies:
-        trials = optuna.load_study(study_name=name, storage=storage).trials
+    for name, trials in studies.items():
         assert sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials) == 4, name  # the budget, no more
         assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     searches = _runs(mlflow_server, "searched", "search")
@@ -309,7 +338,6 @@ def test_a_run_popped_by_a_worker_that_died_before_its_first_heartbeat_is_requeu
 
 
 def test_a_search_trial_of_a_killed_worker_is_retried_and_the_budget_still_holds(new_database, mlflow_server, workdir):
-    import optuna
     from optuna.trial import TrialState
 
     from cnnbench.search import _counted
@@ -322,9 +350,9 @@ def test_a_search_trial_of_a_killed_worker_is_retried_and_the_budget_still_holds
     deadline, victim = time.monotonic() + 120, None
     while victim is None and time.monotonic() < deadline:
         try:
-            for s in optuna.get_all_study_summaries(storage):
-                for t in optuna.load_study(study_name=s.study_name, storage=storage).trials:
-                    if ".queue." not in s.study_name and t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs:
+            for name, trials in _studies(storage).items():
+                for t in trials:
+                    if ".queue." not in name and t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs:
                         victim = t
         except Exception:  # noqa: BLE001 - the schema may not exist yet
             pass
@@ -338,11 +366,10 @@ def test_a_search_trial_of_a_killed_worker_is_retried_and_the_budget_still_holds
     killed.wait()
     assert survivor.returncode == 0, out
 
-    for s in optuna.get_all_study_summaries(storage):
-        if ".queue." in s.study_name:
+    for name, trials in _studies(storage).items():
+        if ".queue." in name:
             continue
-        trials = optuna.load_study(study_name=s.study_name, storage=storage).trials
-        assert sum(_counted(t, trials) for t in trials) == 3, s.study_name  # the dead trial does not use up budget
+        assert sum(_counted(t, trials) for t in trials) == 3, name  # the dead trial does not use up budget
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
         if any(t.number == victim.number and t.state == TrialState.FAIL for t in trials):  # the victim's study
             assert any(t.system_attrs.get("failed_trial") == victim.number for t in trials)  # retried with its params
@@ -351,3 +378,21 @@ def test_a_search_trial_of_a_killed_worker_is_retried_and_the_budget_still_holds
     assert dead.info.status == "FAILED" and "stopped sending heartbeats" in dead.data.tags["cnnbench.reason"]
     runs = _runs(mlflow_server, "searchkill")
     assert Counter(r.data.tags["cnnbench.variant"] for r in runs) == Counter({"sgd": 1, "adam": 1})
+
+
+def test_workers_on_one_machine_are_told_when_they_oversubscribe_its_cores(new_database):
+    from cnnbench.config import RunSpec, load_suite
+    from cnnbench.workqueue import QueueSettings, RunQueue, open_storage, oversubscription
+
+    assert oversubscription(1, 2, 2) is None and oversubscription(2, 1, 2) is None
+    assert "--set base.train.threads=1" in oversubscription(2, 2, 2)
+    assert "--set base.train.threads=4" in oversubscription(4, 16, 16)
+
+    suite = load_suite(REPO / "suites/quickstart.yaml", ())
+    settings = QueueSettings(new_database())
+    queue = RunQueue(open_storage(settings), suite, settings)
+    queue.join()
+    queue.fill([RunSpec(suite.name, v, 0, suite.experiments[v], plan_key=v) for v in ("adam", "augment", "batchnorm")])
+    for worker in ("here:1", "here:2", "elsewhere:1"):
+        queue.pop().set_user_attr("worker", worker)
+    assert queue.colocated("here") == 2 and queue.colocated("elsewhere") == 1 and queue.colocated("nowhere") == 0
