@@ -215,6 +215,8 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     """One worker of a shared queue (:mod:`cnnbench.workqueue`): help with the searches, then pop and run
     (variant, seed) runs until none is waiting or running. Interrupting a worker puts its run back in the
     queue (its MLflow run ends KILLED); the others go on. ``outcome.counts`` are this worker's runs."""
+    from optuna.trial import TrialState
+
     from cnnbench import workqueue as wq
     from cnnbench.environment import capsule
     from cnnbench.techniques.compress import Upstream
@@ -262,7 +264,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
         spec = by_key.get(trial.user_attrs["plan_key"])
         if spec is None:  # enqueued from another plan (a different suite file under the same name)
             trial.set_user_attr("status", "failed")
-            queue.study.tell(trial, state=_trial_state("FAIL"))
+            queue.study.tell(trial, state=TrialState.FAIL)
             continue
         status = _work_on(trial, spec, queue, by_key, tracker, exp_id, parent, env, data_dir, device, events,
                           upstream, checkpoints, sum(outcome.counts.values()), queued)
@@ -275,12 +277,6 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
         counts = Counter(queue.results().values())
         _close_parent(tracker, parent, counts, outcome.reused, outcome.wall_s, outcome.mlflow_s)
     return outcome
-
-
-def _trial_state(name: str):
-    from optuna.trial import TrialState
-
-    return TrialState[name]
 
 
 def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id: str, parent: str, env: dict,
@@ -328,7 +324,7 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
         return status
 
 
-_warned: set[str] = set()
+_warned_oversubscribed = False  # said once per worker process
 
 
 def _warn_if_oversubscribed(queue, spec: RunSpec, device_override, events: Events) -> None:
@@ -341,7 +337,8 @@ def _warn_if_oversubscribed(queue, spec: RunSpec, device_override, events: Event
     from cnnbench import devices
     from cnnbench.workqueue import oversubscription
 
-    if "cpu" in _warned:
+    global _warned_oversubscribed
+    if _warned_oversubscribed:
         return
     try:
         if devices.resolve(device_override or spec.experiment.device).type != "cpu":
@@ -351,7 +348,7 @@ def _warn_if_oversubscribed(queue, spec: RunSpec, device_override, events: Event
     threads = spec.experiment.train.threads or torch.get_num_threads()
     message = oversubscription(queue.colocated(socket.gethostname()), threads, os.cpu_count() or 1)
     if message:
-        _warned.add("cpu")
+        _warned_oversubscribed = True
         events.warning(message)
 
 

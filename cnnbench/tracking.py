@@ -59,34 +59,38 @@ class TrackingLost(RuntimeError):
     suite stops with exit 3, and the next ``cnnbench run`` redoes what was not recorded."""
 
 
-def _connection_error(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) means the store cannot be reached, rather than a refused request."""
-    import requests
-
-    try:
-        from sqlalchemy.exc import OperationalError
-    except ImportError:  # pragma: no cover - sqlalchemy comes with mlflow
-        OperationalError = ()  # noqa: N806
+def _caused_by(exc: BaseException | None, types: tuple) -> bool:
+    """Whether ``exc`` or anything in its chain of causes is one of ``types``."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout, OperationalError, ConnectionError)):
+        if isinstance(exc, types):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
-def _schema_race(exc: BaseException) -> bool:
-    """Another process created the same table first (PostgreSQL: UniqueViolation on pg_type)."""
-    try:
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
-    except ImportError:  # pragma: no cover
-        return False
-    while exc is not None:
-        if isinstance(exc, (IntegrityError, ProgrammingError)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) means the store cannot be reached, rather than a refused request."""
+    import requests
+    from sqlalchemy.exc import OperationalError
+
+    return _caused_by(exc, (requests.ConnectionError, requests.Timeout, OperationalError, ConnectionError))
+
+
+def open_racing_schema(open_store, attempts: int = 6):
+    """``open_store()``, retried with jitter while it fails because another process created the same
+    table first: N workers starting on a fresh PostgreSQL database all create Optuna's or MLflow's
+    tables at once (UniqueViolation on ``alembic_version``, seen with 2 and 4 workers)."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return open_store()
+        except Exception as e:
+            if attempt == attempts - 1 or not _caused_by(e, (IntegrityError, ProgrammingError)):
+                raise
+            time.sleep(0.2 + random.random())
 
 
 class StoreBusy(RuntimeError):
@@ -155,17 +159,16 @@ class Tracker:
 
         if uri.startswith(("http://", "https://")):
             _check_server(uri)  # MLflow's own client retries for minutes before giving up
-        for attempt in range(6):
-            try:
-                self.client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here
-                self.client.search_experiments(max_results=1)  # opens the store; fails fast if unreachable
-                break
-            except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
-                if _schema_race(e) and attempt < 5:  # N workers creating a fresh database's tables at once
-                    time.sleep(0.2 + random.random())
-                    continue
-                raise TrackingUnavailable(f"cannot open the MLflow tracking store at {uri}: {type(e).__name__}: "
-                                          f"{str(e)[:500]}") from None
+        def open_store():
+            client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here
+            client.search_experiments(max_results=1)  # opens the store; fails fast if unreachable
+            return client
+
+        try:
+            self.client = open_racing_schema(open_store)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
+            raise TrackingUnavailable(f"cannot open the MLflow tracking store at {uri}: {type(e).__name__}: "
+                                      f"{str(e)[:500]}") from None
         self.seconds += time.perf_counter() - t0
 
     def _timed(self, fn, *args, **kwargs):

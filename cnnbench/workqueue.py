@@ -84,23 +84,19 @@ def open_storage(settings: QueueSettings):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     callback = StaleTrials(settings.max_retry, settings.grace_period)
-    import random
+    from cnnbench.tracking import open_racing_schema
 
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    def open_store():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(settings.url, heartbeat_interval=settings.heartbeat_interval,
+                                              grace_period=settings.grace_period,
+                                              heartbeat_stale_trial_callback=callback)
 
-    for attempt in range(6):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(settings.url, heartbeat_interval=settings.heartbeat_interval,
-                                                  grace_period=settings.grace_period,
-                                                  heartbeat_stale_trial_callback=callback)
-        except (IntegrityError, ProgrammingError) as e:  # N workers creating the schema of a fresh database at once
-            if attempt == 5:
-                raise StorageUnavailable(f"cannot create Optuna's tables in {settings.url}: {e}") from None
-            time.sleep(0.2 + random.random())
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy errors: all mean "cannot open it"
-            raise StorageUnavailable(f"cannot open the Optuna storage {settings.url}: {type(e).__name__}: {e}") from None
+    try:
+        return open_racing_schema(open_store)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy errors: all mean "cannot open it"
+        raise StorageUnavailable(f"cannot open the Optuna storage {settings.url}: {type(e).__name__}: {e}") from None
 
 
 def stale_callback(storage) -> StaleTrials | None:
@@ -310,5 +306,5 @@ def oversubscription(workers: int, threads: int, cores: int) -> str | None:
     if workers < 2 or workers * threads <= cores:
         return None
     return (f"{workers} workers on this machine train at once with {threads} threads each on {cores} cores: the CPU is "
-            f"oversubscribed (2 workers × 2 threads on 2 cores measured 2.4× slower than 1 worker); give each worker "
+            f"oversubscribed and every run slows down (README: Scale out); give each worker "
             f"--set base.train.threads={max(1, cores // workers)}")

@@ -63,23 +63,28 @@ def test_xla_without_torch_xla_is_unavailable_with_an_install_hint(cli, workdir)
     assert result.exit_code == 2 and "torch_xla" in result.output and "Traceback" not in result.output
 
 
-def test_a_variant_on_an_absent_or_unable_device_is_skipped_and_the_suite_goes_on(cli, workdir):
+def _devices_suite(workdir, name: str, devices_: list[str]):
+    """A one-seed synthetic suite: a cpu baseline and one variant per device in ``devices_``."""
     suite = workdir / "s.yaml"
-    suite.write_text("""\
-name: devs
+    variants = "".join(f"  {d}: {{device: {d}}}\n" for d in devices_)
+    suite.write_text(f"""\
+name: {name}
 question: which devices run?
 base:
-  data: {dataset: synthetic, batch_size: 64, synthetic: {train_size: 256, test_size: 64, image_size: 16}}
-  model: {name: lenet5}
-  train: {epochs: 1}
+  data: {{dataset: synthetic, batch_size: 64, synthetic: {{train_size: 256, test_size: 64, image_size: 16}}}}
+  model: {{name: lenet5}}
+  train: {{epochs: 1}}
   device: cpu
 variants:
-  cpu: {}
-  xla: {device: xla}
-  mps: {device: mps}
-baseline: cpu
+  cpu: {{}}
+{variants}baseline: cpu
 seeds: 1
 """)
+    return suite
+
+
+def test_a_variant_on_an_absent_or_unable_device_is_skipped_and_the_suite_goes_on(cli, workdir):
+    suite = _devices_suite(workdir, "devs", ["xla", "mps"])
     env = {k: os.environ.pop(k) for k in ["PJRT_DEVICE"] if k in os.environ}
     try:
         result = cli("run", suite, "-q")
@@ -252,21 +257,7 @@ def test_quickstart_end_to_end_on_xla(cli, workdir, monkeypatch):
 def test_cpu_then_xla_in_one_suite(cli, workdir, monkeypatch):
     """XLA is started before anything trains: started after a CPU backward pass, it failed inside autograd."""
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
-    suite = workdir / "s.yaml"
-    suite.write_text("""\
-name: mixed
-question: cpu and xla in one process?
-base:
-  data: {dataset: synthetic, batch_size: 64, synthetic: {train_size: 256, test_size: 64, image_size: 16}}
-  model: {name: lenet5}
-  train: {epochs: 1}
-  device: cpu
-variants:
-  cpu: {}
-  xla: {device: xla}
-baseline: cpu
-seeds: 1
-""")
+    suite = _devices_suite(workdir, "mixed", ["xla"])
     assert cli("run", suite, "-q", "--no-report").exit_code == 0
     runs = mlflow.search_runs(experiment_names=["mixed"], filter_string="tags.`cnnbench.role` = 'run'",
                               output_format="list")
