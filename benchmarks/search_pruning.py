@@ -22,8 +22,9 @@ from pathlib import Path
 import optuna
 
 from cnnbench.config import Experiment, SearchConfig, Suite
+from cnnbench.optuna_storage import open_storage
 from cnnbench.runner import Events
-from cnnbench.search import open_storage, tune_variant
+from cnnbench.search import tune_variant
 from cnnbench.tracking import Tracker
 
 

@@ -82,7 +82,9 @@ def quartiles(xs: list[float]) -> str:
 
 def queue_overhead(storage_url: str, items: int) -> None:
     from cnnbench.config import RunSpec, load_suite
-    from cnnbench.workqueue import QueueSettings, RunQueue, heartbeat, open_storage
+    from cnnbench.optuna_storage import QueueSettings, heartbeat
+    from cnnbench.optuna_storage import open_shared_storage as open_storage
+    from cnnbench.workqueue import RunQueue
 
     suite = load_suite(REPO / "suites/quickstart.yaml", ())
     settings = QueueSettings(storage_url, heartbeat_interval=10, grace_period=60)

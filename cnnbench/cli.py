@@ -33,7 +33,7 @@ def _load(suite_path: str, overrides: tuple[str, ...], check_names: bool = True)
 
     registries = None
     if check_names:
-        from cnnbench.registry import all_registries
+        from cnnbench.registries import all_registries
 
         registries = all_registries()
     try:
@@ -95,7 +95,7 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
     missing trials run when repeated), then runs each variant's best values on every seed.
     """
     queue = None
-    from cnnbench.workqueue import QueueSettings, is_shared
+    from cnnbench.optuna_storage import QueueSettings, is_shared
 
     if is_shared(storage):
         if rerun:
@@ -118,15 +118,9 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
     spec = _load(suite, overrides)
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
-    from cnnbench.runner import (
-        Interrupted,
-        clear_interrupt,
-        interrupt_requested,
-        preload_data,
-        request_interrupt,
-        run_suite,
-    )
-    from cnnbench.search import StorageUnavailable
+    from cnnbench.interrupts import Interrupted, clear_interrupt, interrupt_requested, request_interrupt
+    from cnnbench.optuna_storage import StorageUnavailable
+    from cnnbench.runner import preload_data, run_suite
 
     if device is not None:
         import re
@@ -240,7 +234,8 @@ def report(suite, overrides, tracking_uri, reports_dir):
 @click.argument("kind", required=False)
 def list_(kind):
     """List what is registered (datasets, models, optimizers, …), per kind."""
-    from cnnbench.registry import all_registries, did_you_mean
+    from cnnbench.registries import all_registries
+    from cnnbench.registry import did_you_mean
 
     regs = all_registries()
     if kind is not None:

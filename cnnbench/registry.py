@@ -73,16 +73,3 @@ class Registry:
     def create(self, name: str, **kwargs: Any) -> Any:
         """Call the factory; ``None`` values are dropped so factory defaults apply."""
         return self.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
-
-
-def all_registries() -> dict[str, Registry]:
-    """Every registry by kind (imports the modules that fill them, and so torch)."""
-    from cnnbench.augment import AUGMENTATIONS
-    from cnnbench.data import DATASETS
-    from cnnbench.models import ACTIVATIONS, MODELS, NORMS
-    from cnnbench.optim import OPTIMIZERS, SCHEDULES
-
-    return {
-        r.kind: r
-        for r in (DATASETS, AUGMENTATIONS, MODELS, NORMS, ACTIVATIONS, OPTIMIZERS, SCHEDULES)
-    }

@@ -18,61 +18,16 @@ import yaml
 
 from cnnbench import __version__
 from cnnbench.config import RunSpec, Suite, flatten, plan
+from cnnbench.interrupts import Interrupted, interruptible, raise_if_interrupted
 from cnnbench.techniques.checkpoint import CheckpointError
-from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, TrackingLost, worker_id
+from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, TrackingLost, sqlite_path, worker_id
 
 
 def checkpoint_dir(tracking_uri: str) -> Path:
     """Where runs keep their per-epoch training state: ``checkpoints/`` beside a SQLite store, else
     in the current directory (a worker's own disk when the store is a server or a database)."""
-    from cnnbench.tracking import absolute_uri
-
-    uri = absolute_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        return Path(uri.removeprefix("sqlite:///")).parent / "checkpoints"
-    return Path("checkpoints").resolve()
-
-
-class Interrupted(BaseException):
-    """Ctrl-C (exit 130) or SIGTERM (exit 143): in-flight runs were ended as KILLED."""
-
-    def __init__(self, exit_code: int = 130):
-        super().__init__(f"interrupted (exit {exit_code})")
-        self.exit_code = exit_code
-
-
-_requested: list[int] = []  # exit codes of signals received while a suite runs
-
-
-def request_interrupt(code: int) -> None:
-    """Called from a signal handler: only records the request. Raising there could land inside a
-    garbage-collector callback, where Python ignores the exception; the runner checks the flag at
-    every batch and epoch instead and raises :class:`Interrupted` from a safe place."""
-    _requested.append(code)
-
-
-def interrupt_requested() -> int | None:
-    """The exit code of the first signal received, if any."""
-    return _requested[0] if _requested else None
-
-
-def raise_if_interrupted() -> None:
-    if _requested:
-        raise Interrupted(_requested[0])
-
-
-def clear_interrupt() -> None:
-    _requested.clear()
-
-
-def interruptible(on_batch):
-    """A per-batch hook that first honours a pending Ctrl-C / SIGTERM."""
-
-    def hook(done: int, total: int) -> None:
-        raise_if_interrupted()
-        on_batch(done, total)
-
-    return hook
+    db = sqlite_path(tracking_uri)
+    return db.parent / "checkpoints" if db is not None else Path("checkpoints").resolve()
 
 
 class Events:
@@ -142,7 +97,7 @@ def run_suite(
     searching = suite.search is not None and search
     optuna_storage = storage_url = None
     if searching:  # opened before anything is written: a bad URL fails fast
-        from cnnbench.search import default_storage, open_storage
+        from cnnbench.optuna_storage import default_storage, open_storage
 
         storage_url = storage or default_storage(tracker.uri)
         optuna_storage = open_storage(storage_url)
@@ -217,6 +172,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     queue (its MLflow run ends KILLED); the others go on. ``outcome.counts`` are this worker's runs."""
     from optuna.trial import TrialState
 
+    from cnnbench import optuna_storage
     from cnnbench import workqueue as wq
     from cnnbench.environment import capsule
     from cnnbench.techniques.compress import Upstream
@@ -225,8 +181,8 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     t_start = time.perf_counter()
     mlflow_before = tracker.seconds
     _start_devices(suite, device)
-    storage = wq.open_storage(settings)  # before anything is written: a bad URL fails fast
-    wq.stale_callback(storage).tracker = tracker
+    storage = optuna_storage.open_shared_storage(settings)  # before anything is written: a bad URL fails fast
+    optuna_storage.stale_callback(storage).tracker = tracker
     searching = suite.search is not None and search
     exp_id = tracker.experiment_id(suite.name)
     env = capsule(command=command)
@@ -285,10 +241,10 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
     trial went back to the queue (its source/teacher is still running elsewhere)."""
     from optuna.exceptions import UpdateFinishedTrialError
 
-    from cnnbench import workqueue as wq
     from cnnbench.config import upstream_variants
+    from cnnbench.optuna_storage import heartbeat, requeue
 
-    with wq.heartbeat(queue.study, trial):
+    with heartbeat(queue.study, trial):
         trial.set_user_attr("worker", worker_id())
         if tracker.done_runs(exp_id, spec.suite, spec.fingerprint):  # at-least-once queue, exactly-once results: a
             trial.set_user_attr("status", "reused")  # worker declared dead too early may still have finished it
@@ -297,7 +253,7 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
         for up in upstream_variants(queue.suite, spec.variant):
             src = next((s for s in by_key.values() if s.variant == up and s.seed == spec.seed), None)
             if src is not None and queue.state_of(src.plan_key) == "pending":
-                wq.requeue(queue.study, trial, f"waiting for {up} seed {spec.seed}")
+                requeue(queue.study, trial, f"waiting for {up} seed {spec.seed}")
                 time.sleep(queue.settings.poll_s)
                 return None
         _warn_if_oversubscribed(queue, spec, device, events)
@@ -310,10 +266,10 @@ def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id
             status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, upstream,
                                                 checkpoints, started)
         except (KeyboardInterrupt, Interrupted):
-            wq.requeue(queue.study, trial, "interrupted")
+            requeue(queue.study, trial, "interrupted")
             raise
         except TrackingLost:
-            wq.requeue(queue.study, trial, "tracking server lost")
+            requeue(queue.study, trial, "tracking server lost")
             raise
         trial.set_user_attr("status", status)
         try:

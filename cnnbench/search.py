@@ -11,10 +11,7 @@ Trials are driven with ask/tell so each is an MLflow run nested under its varian
 the search goes on; an interrupted trial is FAILED with ``interrupted`` set and does not count
 toward the budget, so a resumed search runs it again.
 
-Storage: by default an Optuna journal file beside the SQLite MLflow store (``optuna.journal``):
-a trial's storage work (ask, a report per epoch, tell) costs ~3.5 ms there against ~32 ms on
-Optuna's SQLite storage (``benchmarks/search_pruning.py``), it needs no server, and its file lock makes it safe for several processes on one machine. ``--storage``
-takes any Optuna RDB URL (PostgreSQL for many machines) or another journal path.
+Storage: :mod:`cnnbench.optuna_storage` (a journal beside the SQLite MLflow store by default).
 """
 
 from __future__ import annotations
@@ -25,49 +22,21 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cnnbench.config import Experiment, ParamSpec, RunSpec, SearchConfig, Suite, flatten, set_dotted, study_name
-from cnnbench.runner import Interrupted, interruptible, raise_if_interrupted
+from cnnbench.interrupts import Interrupted, interruptible, raise_if_interrupted
+from cnnbench.optuna_storage import ask, fail_stale, heartbeat, heartbeat_enabled
 from cnnbench.tracking import ROLE_SEARCH, ROLE_TRIAL, BufferedRun, Tracker, worker_id
-from cnnbench.workqueue import ask, fail_stale, heartbeat, heartbeat_enabled
 
 POLL_S = 2.0  # how often a worker looks again while other workers' trials run
 
 TUNING_SEED_BASE = 10_000  # tuning seeds are 10000, 10001, …: never the evaluation seeds
-JOURNAL_NAME = "optuna.journal"
 
 
-class StorageUnavailable(RuntimeError):
-    """The Optuna storage cannot be opened."""
-
-
-# ───────────────────────────── storage, sampler, pruner ─────────────────────────────
-
-
-def default_storage(tracking_uri: str) -> str:
-    """The journal file beside a SQLite MLflow store, else ``./optuna.journal``."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and ":memory:" not in tracking_uri:
-        return str(Path(tracking_uri[len(prefix):]).resolve().parent / JOURNAL_NAME)
-    return str(Path(JOURNAL_NAME).resolve())
-
-
-def open_storage(url: str):
-    """An Optuna storage: an RDB URL (``sqlite:///…``, ``postgresql://…``) or a journal file path."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    try:
-        if "://" in url:
-            return optuna.storages.RDBStorage(url)
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(url))
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy/OS errors: all mean "cannot open it"
-        raise StorageUnavailable(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}") from None
+# ───────────────────────────── sampler, pruner ─────────────────────────────
 
 
 def make_sampler(search: SearchConfig, space: dict[str, ParamSpec]):

@@ -40,13 +40,20 @@ def resolve_uri(cli_uri: str | None = None) -> str:
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The absolute database file of a ``sqlite:///`` URI (None for other stores and in-memory ones):
+    the one parser of SQLite URIs, for the store itself, its lock, the Optuna journal and checkpoints."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        return None
+    return Path(uri[len(prefix):]).resolve()
+
+
 def absolute_uri(uri: str) -> str:
     """A relative SQLite path made absolute: MLflow caches stores per URI string, so a relative one would
     keep pointing at the first directory it was opened from."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
+    path = sqlite_path(uri)
+    return uri if path is None else f"sqlite:///{path}"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -104,11 +111,11 @@ def exclusive_sqlite(uri: str):
     writer; MLflow and Optuna retry on "database is locked" only so long). Other stores: no-op."""
     import fcntl
 
-    path = absolute_uri(uri).removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if path is None or ":memory:" in path:
+    path = sqlite_path(uri)
+    if path is None:
         yield
         return
-    lock = Path(path + ".lock")
+    lock = Path(f"{path}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as f:
         try:

@@ -14,7 +14,7 @@ from torch import nn
 from cnnbench import measure
 from cnnbench.config import SuiteError, load_suite
 from cnnbench.models import MODELS
-from cnnbench.registry import all_registries
+from cnnbench.registries import all_registries
 from cnnbench.techniques import prune as pr
 from cnnbench.techniques import quantize as qz
 from cnnbench.techniques.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

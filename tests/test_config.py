@@ -10,7 +10,7 @@ from cnnbench.config import (
     parse_override,
     plan,
 )
-from cnnbench.registry import all_registries
+from cnnbench.registries import all_registries
 from tests.conftest import SUITES, TINY_SUITE, write_suite
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from cnnbench.registry import Registry, UnknownNameError, all_registries
+from cnnbench.registries import all_registries
+from cnnbench.registry import Registry, UnknownNameError
 
 
 def test_register_by_function_name_and_create_drops_none():

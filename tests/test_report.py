@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from cnnbench.config import load_suite, plan
-from cnnbench.registry import all_registries
+from cnnbench.registries import all_registries
 from cnnbench.report import build_report
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, Tracker
 from tests.conftest import TINY_SUITE, write_suite

@@ -9,9 +9,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cnnbench.config import load_suite, study_name
-from cnnbench.registry import all_registries
+from cnnbench.optuna_storage import open_storage
+from cnnbench.registries import all_registries
 from cnnbench.runner import run_suite
-from cnnbench.search import open_storage
 from cnnbench.tracking import Tracker
 from tests.conftest import write_suite
 

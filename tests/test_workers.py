@@ -320,7 +320,9 @@ def test_two_workers_share_a_search_without_exceeding_its_budget(new_database, m
 def test_a_run_popped_by_a_worker_that_died_before_its_first_heartbeat_is_requeued(new_database):
     """Optuna never calls a trial without heartbeats stale; the queue fails and re-queues it itself."""
     from cnnbench.config import RunSpec, load_suite
-    from cnnbench.workqueue import QueueSettings, RunQueue, ask, open_storage
+    from cnnbench.optuna_storage import QueueSettings, ask
+    from cnnbench.optuna_storage import open_shared_storage as open_storage
+    from cnnbench.workqueue import RunQueue
 
     suite = load_suite(REPO / "suites/quickstart.yaml", ())
     settings = QueueSettings(new_database(), heartbeat_interval=1, grace_period=1, poll_s=0.1)
@@ -382,7 +384,9 @@ def test_a_search_trial_of_a_killed_worker_is_retried_and_the_budget_still_holds
 
 def test_workers_on_one_machine_are_told_when_they_oversubscribe_its_cores(new_database):
     from cnnbench.config import RunSpec, load_suite
-    from cnnbench.workqueue import QueueSettings, RunQueue, open_storage, oversubscription
+    from cnnbench.optuna_storage import QueueSettings
+    from cnnbench.optuna_storage import open_shared_storage as open_storage
+    from cnnbench.workqueue import RunQueue, oversubscription
 
     assert oversubscription(1, 2, 2) is None and oversubscription(2, 1, 2) is None
     assert "--set base.train.threads=1" in oversubscription(2, 2, 2)
