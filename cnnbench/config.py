@@ -33,6 +33,8 @@ from pydantic import (
 
 from cnnbench.registry import did_you_mean
 
+TUNING_SEED_BASE = 10_000  # search trials train on seeds 10000, 10001, …: never the evaluation seeds
+
 # Bump when the meaning of a config changes (training semantics), so old runs are not reused.
 FINGERPRINT_VERSION = 1
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cnnbench import stats
-from cnnbench.config import CENSORED_METRICS, Suite, plan, study_name
+from cnnbench.config import CENSORED_METRICS, TUNING_SEED_BASE, Suite, plan, study_name
 from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SEARCH, ROLE_SUITE, ROLE_TRIAL, Tracker
 
 META_PREFIX = "<!-- cnnbench-report "
@@ -386,8 +386,6 @@ def plot_tuning(suite: Suite, trials: pd.DataFrame, path: Path) -> bool:
 
 def tuning_lines(suite: Suite, searches: pd.DataFrame, trials: pd.DataFrame, plot: Path | None) -> list[str]:
     """The report's Tuning section: what each variant's equal-budget search found."""
-    from cnnbench.search import TUNING_SEED_BASE
-
     sc = suite.search
     fmt = metric_format(sc.metric)
     seeds = ", ".join(str(TUNING_SEED_BASE + k) for k in range(sc.tuning_seeds))

@@ -26,14 +26,22 @@ from typing import Any
 
 import yaml
 
-from cnnbench.config import Experiment, ParamSpec, RunSpec, SearchConfig, Suite, flatten, set_dotted, study_name
+from cnnbench.config import (
+    TUNING_SEED_BASE,
+    Experiment,
+    ParamSpec,
+    RunSpec,
+    SearchConfig,
+    Suite,
+    flatten,
+    set_dotted,
+    study_name,
+)
 from cnnbench.interrupts import Interrupted, interruptible, raise_if_interrupted
 from cnnbench.optuna_storage import ask, fail_stale, heartbeat, heartbeat_enabled
 from cnnbench.tracking import ROLE_SEARCH, ROLE_TRIAL, BufferedRun, Tracker, worker_id
 
 POLL_S = 2.0  # how often a worker looks again while other workers' trials run
-
-TUNING_SEED_BASE = 10_000  # tuning seeds are 10000, 10001, …: never the evaluation seeds
 
 
 # ───────────────────────────── sampler, pruner ─────────────────────────────
