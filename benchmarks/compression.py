@@ -25,7 +25,8 @@ import torch
 from cnnbench import data as datamod
 from cnnbench import measure
 from cnnbench.config import DataConfig, Experiment
-from cnnbench.techniques import compress
+from cnnbench.evaluation import test_metrics
+from cnnbench.posttraining import calibration_batches
 from cnnbench.techniques import prune as pr
 from cnnbench.techniques import quantize as qz
 from cnnbench.train import train
@@ -49,8 +50,8 @@ def main() -> None:
     split = datamod.split(datamod.load(DataConfig.model_validate(exp.data.model_dump()), args.data_dir),
                           exp.data.val_fraction, exp.data.limit_train)
     fp32 = train(exp, 0, split, cpu).model.eval()
-    example = compress._calibration_batches(split, 64, 1, 0)[0]
-    calib = compress._calibration_batches(split, 64, 32, 0)
+    example = calibration_batches(split, 64, 1, 0)[0]
+    calib = calibration_batches(split, 64, 32, 0)
     static = qz.quantize_ptq(copy.deepcopy(fp32), "static", example, calib)
     dynamic = qz.quantize_ptq(copy.deepcopy(fp32), "dynamic", example)
     slim = pr.prune_channels(copy.deepcopy(fp32), 0.5).eval()  # no fine-tuning: latency and size only
@@ -65,7 +66,7 @@ def main() -> None:
     shape = split.data.shape
     results: dict[str, dict[int, list[float]]] = {n: {1: [], 64: []} for n in contenders}
     with qz.inductor_freezing():
-        accuracy = {n: compress.test_metrics(run, exp, split, cpu)[0]["test_accuracy"] for n, (run, _, _) in contenders.items()}
+        accuracy = {n: test_metrics(run, split.data, exp.data.eval_batch_size, cpu)[0]["test_accuracy"] for n, (run, _, _) in contenders.items()}
         for _ in range(args.rounds):
             for name, (run, _, _) in contenders.items():
                 for bs in (1, 64):

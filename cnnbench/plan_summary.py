@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cnnbench import techniques
 from cnnbench.config import Experiment, Suite, plan
 
 
@@ -15,11 +16,11 @@ def train_images(exp: Experiment) -> int:
 
 
 def trained_epochs(exp: Experiment) -> int:
-    """Epochs a run trains: a quantize/prune variant only fine-tunes (its source trains once)."""
+    """Epochs a run trains: a post-training variant only fine-tunes, as its techniques say (its source
+    trains once)."""
     if not exp.compresses:
         return exp.train.epochs
-    n = exp.prune.finetune_epochs * (exp.prune.steps if exp.prune.schedule == "iterative" else 1) if exp.prune else 0
-    return n + (exp.quantize.qat_epochs if exp.quantize and exp.quantize.method == "qat" else 0)
+    return sum(t.finetune_epochs(exp) for t in techniques.active(exp, "post_training"))
 
 
 def rough_seconds(exp: Experiment) -> float:

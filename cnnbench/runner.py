@@ -17,9 +17,9 @@ from pathlib import Path
 import yaml
 
 from cnnbench import __version__
-from cnnbench.config import RunSpec, Suite, flatten, plan
+from cnnbench.checkpoints import CheckpointError
+from cnnbench.config import RunSpec, Suite, flatten, plan, source_of
 from cnnbench.interrupts import Interrupted, interruptible, raise_if_interrupted
-from cnnbench.techniques.checkpoint import CheckpointError
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, TrackingLost, sqlite_path, worker_id
 
 
@@ -111,9 +111,9 @@ def run_suite(
         specs = plan(suite, tuned)
         done = {} if rerun else tracker.done_runs(exp_id, suite.name)
         todo = [s for s in specs if s.fingerprint not in done or s.skip_reason]
-        from cnnbench.techniques.compress import Upstream
+        from cnnbench.upstream import Upstream
 
-        upstream = Upstream(suite, tracker, exp_id)  # issue 6: sources/teachers first, their weights kept
+        upstream = Upstream(suite, tracker, exp_id)  # sources/teachers first, their weights kept
         todo = upstream.order(specs, todo, done)
         outcome.reused = len(specs) - len(todo)
         events.suite_start(suite, specs, outcome.reused)
@@ -175,7 +175,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     from cnnbench import optuna_storage
     from cnnbench import workqueue as wq
     from cnnbench.environment import capsule
-    from cnnbench.techniques.compress import Upstream
+    from cnnbench.upstream import Upstream
 
     events = events or Events()
     t_start = time.perf_counter()
@@ -373,9 +373,11 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     Training state is checkpointed per epoch in ``checkpoints/<fingerprint>.pt``: kept when the run
     is interrupted (the next ``run`` continues from it), removed once the run has an outcome."""
     from cnnbench import data as datamod
-    from cnnbench import devices
-    from cnnbench.techniques import compress
+    from cnnbench import devices, techniques
+    from cnnbench.deployment import measure_deployed
+    from cnnbench.posttraining import run_post_training
     from cnnbench.train import check_supported, train
+    from cnnbench.upstream import Missing
 
     exp = spec.experiment
     tags = {
@@ -421,19 +423,19 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
 
     try:
         split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
-        weights = _upstream_weights(spec, upstream) if upstream is not None else {}  # issue 6: sources, teachers
-        if exp.compresses:  # issue 6: quantize / prune the source's trained weights
-            result = compress.run_compression(exp, spec.seed, split, device, weights["source"], on_epoch,
-                                              interruptible(events.batch))
+        weights, models = upstream.weights(spec) if upstream is not None else ({}, {})  # sources, teachers
+        if exp.compresses:  # quantize / prune / factorize the source's trained weights
+            result = run_post_training(exp, spec.seed, split, device, weights[source_of(upstream.suite, spec.variant)],
+                                       on_epoch, interruptible(events.batch))
         else:
-            loss_fn = compress.distill_loss(exp, weights["teacher_model"], weights["teacher"], split.data, device) \
-                if exp.distill is not None else None
+            context = techniques.TrainingContext(weights, models, split.data, device)
+            losses = [f for t in techniques.active(exp, "training") if (f := t.loss(exp, context)) is not None]
             ckpt = checkpoints / f"{spec.fingerprint}.pt" if checkpoints is not None else None
             if ckpt is not None and ckpt.exists():
                 tracker.log(run_id, tags={"cnnbench.resumed_from": str(ckpt)})
             result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch),
-                           loss_fn=loss_fn, checkpoint=ckpt)
-        compress.finish(result, exp, split, device)  # test a compressed model; inference metrics of every run
+                           loss_fn=losses[0] if losses else None, checkpoint=ckpt)
+        measure_deployed(result, exp, split, device)  # test a compressed model; inference metrics of every run
         if upstream is not None and result.status == "finished":
             upstream.save(spec.variant, spec.seed, run_id, result.model)
     except (KeyboardInterrupt, Interrupted):
@@ -442,7 +444,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         raise
     except TrackingLost:  # fail loudly: the checkpoint stays, the next `run` redoes what was not recorded
         raise
-    except compress.Missing as e:  # issue 6: its source or teacher did not finish
+    except Missing as e:  # its source or teacher did not finish
         buffered.flush(tags={"cnnbench.status": "skipped", "cnnbench.reason": str(e)})
         tracker.end_run(run_id, "FINISHED")
         return "skipped", {}, str(e)
@@ -468,18 +470,3 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     if checkpoints is not None:  # only once the result is recorded: a lost tracking server leaves it for the redo
         (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
     return result.status, result.metrics, result.message
-
-
-def _upstream_weights(spec: RunSpec, upstream) -> dict:
-    """Issue 6: the source state dict of a quantize/prune variant, the teacher's of a distill variant."""
-    from cnnbench.config import source_of
-
-    exp, out = spec.experiment, {}
-    if exp.compresses:
-        out["source"] = upstream.state(source_of(upstream.suite, spec.variant), spec.seed)
-    if exp.distill is not None:
-        teacher = exp.distill.teacher
-        out["teacher"] = upstream.state(teacher, spec.seed)
-        out["teacher_model"] = (upstream.suite.experiments[teacher].model if teacher in upstream.suite.experiments
-                                else exp.distill.teacher_model)
-    return out

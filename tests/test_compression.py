@@ -12,12 +12,12 @@ from mlflow import MlflowClient
 from torch import nn
 
 from cnnbench import measure
+from cnnbench.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from cnnbench.config import SuiteError, load_suite
 from cnnbench.models import MODELS
 from cnnbench.registries import all_registries
 from cnnbench.techniques import prune as pr
 from cnnbench.techniques import quantize as qz
-from cnnbench.techniques.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnnbench.techniques.distill import distillation_loss
 from tests.conftest import write_suite
 
@@ -239,8 +239,8 @@ def test_compression_suite_validates_and_sources_change_dependents_fingerprints(
                                             "checkpoint file; did you mean 'fp32'?"),
         ("variants.static.model.name=mnist_net", "the model of 'static' must be that of its source 'fp32'"),
         ("variants.fp32.prune={method: channel, amount: 0.5}", "cannot be its source itself"),
-        ("variants.distilled.start_from=fp32", "start_from is for variants that quantize or prune"),
-        ("variants.distilled.distill.teacher=pruned", "'pruned' quantizes or prunes a model itself"),
+        ("variants.distilled.start_from=fp32", "start_from is for variants that quantize, prune or factorize"),
+        ("variants.distilled.distill.teacher=pruned", "'pruned' compresses a trained model itself"),
         ("variants.static.quantize.method=int4", "variants.static.quantize.method: Input should be 'dynamic', 'static' or 'qat'"),
         ("variants.pruned.prune.amount=1.5", "variants.pruned.prune.amount: Input should be less than 1"),
         ("variants.pruned.prune.schedule=iterative", "set finetune_epochs ≥ 1"),

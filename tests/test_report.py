@@ -2,13 +2,17 @@
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+from click.testing import CliRunner
 
 from cnnbench.config import load_suite, plan
 from cnnbench.registries import all_registries
 from cnnbench.report import build_report
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, Tracker
-from tests.conftest import TINY_SUITE, write_suite
+from tests.conftest import REPO, TINY_SUITE, write_suite
 
 GOLDEN = Path(__file__).parent / "golden" / "report_tiny.md"
 # test accuracy per (variant, seed): adam is better on every seed, by 1.0-1.4 pp
@@ -95,3 +99,53 @@ def test_running_a_suite_twice_gives_identical_metrics_and_the_report_says_so(cl
         assert pair[cols].nunique(dropna=False).eq(1).all(), pair[cols].T  # bit-for-bit equal
     text = (workdir / "reports" / "tiny.md").read_text()
     assert "Deterministic: 4 configuration(s) run more than once gave identical test accuracy and loss" in text
+
+
+# Runs in a fresh interpreter: renders the report through the CLI, then fails if torch was imported,
+# printing the import stack that first asked for it.
+NO_TORCH = """
+import sys, traceback
+
+class Spy:
+    first = None
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and Spy.first is None:
+            Spy.first = "".join(traceback.format_stack())
+        return None
+
+sys.meta_path.insert(0, Spy())
+from cnnbench.cli import main
+
+main(["report", {suite!r}, "--tracking-uri", {uri!r}, "--reports-dir", {reports!r}], standalone_mode=False)
+leaked = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+print("torch modules:", len(leaked))
+assert "torch" not in sys.modules, "the report imported torch; first import:\\n" + (Spy.first or "?")
+"""
+
+
+def test_the_report_of_a_searched_suite_renders_without_importing_torch(workdir):
+    """A real run (search, trials and seeded runs) into SQLite, then `cnnbench report` in a fresh process."""
+    searched = (TINY_SUITE.replace("epochs: 2", "epochs: 1").replace("seeds: 2", "seeds: 1")
+                + "search: {trials: 2, sampler: random, pruner: none, "
+                  "space: {optimizer.lr: {type: float, low: 0.01, high: 0.1, log: true}}}\n")
+    suite = write_suite(workdir / "tiny.yaml", searched)
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    from cnnbench.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(suite), "--tracking-uri", uri, "--reports-dir", str(workdir / "r"),
+                                       "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "## Tuning" in (workdir / "r" / "tiny.md").read_text()
+
+    reports = workdir / "fresh"
+    code = NO_TORCH.format(suite=str(suite), uri=uri, reports=str(reports))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torch modules: 0" in proc.stdout, proc.stdout
+    text = (reports / "tiny.md").read_text()
+    assert "## Tuning" in text and "Every run uses its variant's tuned values" in text
+    assert "| sgd " in text and "2/0/0" in text  # both variants' searches: 2 complete trials each

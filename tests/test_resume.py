@@ -11,8 +11,8 @@ import torch
 from mlflow import MlflowClient
 
 from cnnbench import data as datamod
+from cnnbench.checkpoints import CheckpointError, load_training_state
 from cnnbench.config import Experiment, deep_merge
-from cnnbench.techniques.checkpoint import CheckpointError, load_training_state
 from cnnbench.train import train
 from tests.conftest import REPO, TINY_SUITE, write_suite
 

@@ -1,6 +1,8 @@
-"""One module per technique: a plain function that does the work, plus a thin hook.
+"""Techniques: one module each, registered on import (:mod:`cnnbench.techniques.base` says what a
+technique declares). Training: ``precision``, ``compile``, ``distill``. Post-training, applied in this
+order to a trained model: ``low_rank``, ``prune``, ``quantize``."""
 
-Training: ``precision`` (autocast dtype + GradScaler), ``compile`` (torch.compile and the time it
-takes). Trained models: ``quantize``, ``prune``, ``distill``, ``checkpoint``, and ``compress``, the
-hook the runner calls.
-"""
+from cnnbench.techniques import compile, distill, low_rank, precision, prune, quantize  # noqa: F401 - registers them
+from cnnbench.techniques.base import Reference, Technique, TrainingContext, active, blocks, register, registered
+
+__all__ = ["Reference", "Technique", "TrainingContext", "active", "blocks", "register", "registered"]

@@ -10,16 +10,18 @@ is reported as ``compile_time_s`` and excluded from ``train_throughput`` (steady
 
 from __future__ import annotations
 
-import torch
+from cnnbench.techniques.base import Technique, register
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def compile_model(model, mode: str):
     """The compiled module; it shares parameters with ``model`` (evaluation keeps using ``model``).
 
     Dynamo's in-memory caches are reset first: compiled code is reused across module instances of
     the same structure, so without the reset only the first run of a suite would pay (and report)
     compilation. Inductor's on-disk cache is kept, as a user's would be: the first compile on a
     machine is "cold", later ones of the same graph are faster."""
+    import torch
+
     torch._dynamo.reset()
     return torch.compile(model, mode=None if mode == "default" else mode)
 
@@ -38,3 +40,26 @@ def compile_seconds() -> float:
         return 0.0
     keys = ("_compile.compile_inner", "backward._backward_impl")
     return float(sum(sum(table.get(k, ())) for k in keys))
+
+
+@register
+class Compile(Technique):
+    """Settings in ``train:`` (``compile``, ``compile_mode``)."""
+
+    name, stage = "compile", "training"
+
+    def active(self, exp) -> bool:
+        return exp.train.compile
+
+    def check_device(self, exp, device) -> None:
+        from cnnbench.devices import Unsupported
+
+        if device.type == "xla":
+            raise Unsupported("train.compile on XLA: torch_xla compiles every step's graph already; "
+                              "use compile: false there")
+
+    def step_model(self, exp, model):
+        return compile_model(model, exp.train.compile_mode)
+
+    def describe(self, exp) -> str:
+        return f"torch.compile ({exp.train.compile_mode})"

@@ -1,5 +1,5 @@
-"""Low-rank factorization: each Linear and (ungrouped) Conv2d becomes two thinner layers from a
-truncated SVD of its weight.
+"""``low_rank: {rank_ratio | energy, conv, finetune_epochs}``: low-rank factorization — each Linear and
+(ungrouped) Conv2d of a trained model becomes two thinner layers from a truncated SVD of its weight.
 
 Method card. *What*: W ≈ U_r S_r V_r^T, split as (U_r √S_r)(√S_r V_r^T) into two layers. Convs are
 factored per channel (a k×k conv to r channels, then a 1×1 conv) or spatially (Jaderberg et al. 2014,
@@ -16,13 +16,65 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, NonNegativeInt, model_validator
+
+from cnnbench.settings import Strict
+from cnnbench.techniques.base import Technique, register
 
 if TYPE_CHECKING:  # for annotations only: never executed, so torch is not imported at run time
     import torch
     from torch import nn
 
 CONV_SCHEMES = ("channel", "spatial")
+
+
+class LowRankConfig(Strict):
+    """Low-rank factorization of a trained model's Linear and Conv2d layers by truncated SVD."""
+
+    rank_ratio: float | None = Field(None, gt=0.0, le=1.0, description="rank kept in every layer, as a fraction of "
+                                                                        "its full rank")
+    energy: float | None = Field(None, gt=0.0, le=1.0, description="instead of rank_ratio: per layer, the smallest "
+                                                                   "rank keeping this fraction of the squared singular values")
+    conv: Literal["channel", "spatial"] = Field(
+        "channel", description="channel: a k×k conv to r channels, then 1×1; spatial: k×1 to r channels, then 1×k")
+    finetune_epochs: NonNegativeInt = Field(0, description="epochs of fine-tuning the factorized model")
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self) -> LowRankConfig:
+        if (self.rank_ratio is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank_ratio (e.g. 0.25) and energy (e.g. 0.9)")
+        return self
+
+
+@register
+class LowRank(Technique):
+    """First of the post-training techniques: a factorized model can then be pruned or quantized."""
+
+    name, stage, block, order = "low_rank", "post_training", LowRankConfig, 10
+
+    def finetune_epochs(self, exp) -> int:
+        return exp.low_rank.finetune_epochs
+
+    def describe(self, exp) -> str:
+        c = exp.low_rank
+        rule = f"rank {c.rank_ratio:g} of full" if c.rank_ratio is not None else f"{c.energy:.0%} of the energy"
+        convs = "k×k → r → 1×1" if c.conv == "channel" else "k×1 → r → 1×k"
+        epochs = f"{c.finetune_epochs} fine-tune epoch{'s' if c.finetune_epochs != 1 else ''}"
+        return f"low-rank SVD ({rule}; convs {convs}; {epochs})"
+
+    def apply(self, exp, model, context):
+        c = exp.low_rank
+        layers = factorize(model, rank_ratio=c.rank_ratio, energy=c.energy, conv=c.conv)
+        totals = summary(layers)
+        context.metrics.update(low_rank_params_before=totals["params_before"],
+                               low_rank_params_after=totals["params_after"],
+                               low_rank_layers=totals["layers_factorized"],
+                               low_rank_energy_kept=totals["energy_kept_mean"])
+        context.artifacts["low_rank.json"] = layers
+        context.finetune(model, c.finetune_epochs)
+        return model
 
 
 def _check_fractions(rank_ratio: float | None, energy: float | None) -> None:
@@ -52,7 +104,7 @@ def choose_rank(singular_values: Iterable[float], rank_ratio: float | None = Non
     if full == 0:
         raise ValueError("singular_values is empty")
     if rank_ratio is not None:
-        return min(full, max(1, math.ceil(rank_ratio * full - 1e-9)))  # 1e-9: 0.7 * 10 is 7.000000000000001
+        return min(full, max(1, math.ceil(rank_ratio * full - 1e-9)))  # 1e-9: 0.07 * 100 is 7.000000000000001
     total = sum(squares)
     if total == 0:
         return 1

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
-from cnnbench.devices import Unsupported
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from cnnbench.techniques.base import Technique, register
 
 
-def check_supported(precision: str, device: torch.device) -> None:
-    """Raise :class:`Unsupported` if ``device`` cannot train in ``precision``."""
+def dtype(precision: str):
+    """The torch dtype of ``fp32`` / ``bf16`` / ``fp16``."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_supported(precision: str, device) -> None:
+    """Raise :class:`cnnbench.devices.Unsupported` if ``device`` cannot train in ``precision``."""
+    import torch
+
+    from cnnbench.devices import Unsupported
+
     if precision == "fp32":
         return
     if device.type == "xla" and precision == "fp16":
@@ -37,17 +44,37 @@ def check_supported(precision: str, device: torch.device) -> None:
     except Exception as e:  # noqa: BLE001 - whatever the backend says is the reason
         raise Unsupported(f"precision {precision} is not supported on {device} (torch {torch.__version__}): "
                           f"{type(e).__name__}: {e}") from None
-    if out.dtype != DTYPES[precision]:
+    if out.dtype != dtype(precision):
         raise Unsupported(f"precision {precision}: autocast on {device} ran the convolution in {out.dtype}")
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: str, device):
     """The autocast context for the forward pass and loss (a no-op for fp32)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=dtype(precision))
 
 
-def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+def grad_scaler(precision: str, device):
     """A GradScaler for fp16 (dynamic loss scaling); None otherwise."""
+    import torch
+
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+@register
+class Precision(Technique):
+    """Settings in ``train:`` (``precision``); the training step calls :func:`autocast` and :func:`grad_scaler`."""
+
+    name, stage = "precision", "training"
+
+    def active(self, exp) -> bool:
+        return exp.train.precision != "fp32"
+
+    def check_device(self, exp, device) -> None:
+        check_supported(exp.train.precision, device)
+
+    def describe(self, exp) -> str:
+        return f"{exp.train.precision} autocast" + (" with a GradScaler" if exp.train.precision == "fp16" else "")

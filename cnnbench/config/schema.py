@@ -1,0 +1,271 @@
+"""The suite schema: an experiment (the shared settings plus one block per registered technique), the
+report, the search, and the suite that holds a baseline and its variants. Nothing here imports torch.
+
+Fingerprints live here too: a finished run is reused, and a report selects it, by the fingerprint of
+its experiment and seed, so they must stay the same for the same meaning (``tests/test_fingerprints``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    PrivateAttr,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from cnnbench import techniques
+from cnnbench.metrics import metric
+from cnnbench.registry import did_you_mean
+from cnnbench.settings import (
+    DEVICE_PATTERN,
+    DataConfig,
+    InferenceConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    Strict,
+    TrainConfig,
+)
+
+# Bump when the meaning of a config changes (training semantics), so old runs are not reused.
+FINGERPRINT_VERSION = 1
+
+# (section, key) of settings added after FINGERPRINT_VERSION 1; see Experiment.identity
+ADDED_AFTER_V1 = [("train", k) for k in ("precision", "channels_last", "compile", "compile_mode", "deterministic",
+                                         "cudnn_benchmark")]
+
+
+class _Experiment(Strict):
+    """One complete experiment: what the baseline is, and what every variant resolves to."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    start_from: str | None = Field(None, description="post-training techniques (quantize, prune, low_rank) start from: "
+                                   "a variant's trained weights (default: the baseline's), a checkpoint file, or an "
+                                   "MLflow artifact URI runs:/<id>/<path>")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    _upstream: str = PrivateAttr("")  # identity of the source/teacher runs this one depends on (set by load_suite)
+
+    @model_validator(mode="after")
+    def _technique_checks(self):
+        for technique in techniques.active(self):
+            for _keys, message in technique.check(self):
+                raise ValueError(message)
+        return self
+
+    @property
+    def compresses(self) -> bool:
+        """Starts from trained weights (a post-training technique is on) instead of training from scratch."""
+        return bool(techniques.active(self, "post_training"))
+
+    def identity(self) -> dict:
+        """The config as fingerprints see it: settings added after FINGERPRINT_VERSION 1 are left out
+        while they hold their default — what every earlier run did — so those runs stay reusable (an
+        absent technique block, ``start_from`` and default inference settings alike); the identity of
+        the runs a compression/distillation variant starts from is added."""
+        dump = self.model_dump(mode="json")
+        for section, key in ADDED_AFTER_V1:
+            default = type(getattr(self, section)).model_fields[key].default
+            if dump[section].get(key, default) == default:
+                dump[section].pop(key, None)
+        for key in ("start_from", *techniques.blocks()):
+            if dump.get(key) is None:
+                dump.pop(key, None)
+        if dump.get("inference") == InferenceConfig().model_dump(mode="json"):
+            dump.pop("inference")
+        if self._upstream:
+            dump["upstream"] = self._upstream
+        return dump
+
+    def fingerprint(self, seed: int) -> str:
+        """Identity of a (config, seed) run: a finished run with the same fingerprint is reused."""
+        blob = json.dumps({"v": FINGERPRINT_VERSION, "seed": seed, "config": self.identity()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Each registered technique with a block of its own adds the optional key ``<name>:`` to the experiment.
+Experiment = create_model(
+    "Experiment", __base__=_Experiment, __module__=__name__, __doc__=_Experiment.__doc__,
+    **{name: (block | None, Field(None, description=(block.__doc__ or "").strip().split("\n")[0]))
+       for name, block in techniques.blocks().items()},
+)
+
+
+def _catalogued(name: str):
+    """The catalogue row of ``name``; an unknown name is a validation error listing the closest ones."""
+    try:
+        return metric(name)
+    except KeyError as e:
+        raise ValueError(str(e)) from None
+
+
+class ReportConfig(Strict):
+    primary: str = "test_accuracy"
+    metrics: list[str] = Field(
+        default_factory=lambda: [
+            "test_accuracy",
+            "f1_macro",
+            "test_loss",
+            "train_time_s",
+            "train_throughput",
+            "time_to_target_s",
+            "peak_memory_bytes",
+            "params",
+        ]
+    )
+    higher_is_better: bool | None = Field(None, description="for the primary metric; default: the metric catalogue's")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the verdicts (Holm-corrected)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _catalogued(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _catalogued(name)
+        return v
+
+    @field_validator("primary")
+    @classmethod
+    def _not_censored(cls, v: str) -> str:
+        if _catalogued(v).censored:
+            raise ValueError(f"'{v}' cannot be the primary metric: it is censored (runs that never reach the target have "
+                             "none), so every report shows it as a Kaplan–Meier median instead; use train_time_s or "
+                             "train_throughput for speed")
+        return v
+
+    def primary_higher_is_better(self) -> bool:
+        return self.is_higher_better(self.primary)
+
+    def is_higher_better(self, name: str) -> bool:
+        """The catalogue's direction (a cost such as params or FLOPs: lower is better); for the primary
+        metric, ``higher_is_better`` when the suite sets it."""
+        if name == self.primary and self.higher_is_better is not None:
+            return self.higher_is_better
+        return bool(metric(name).higher_is_better)
+
+
+class ParamSpec(Strict):
+    """One searched hyperparameter: ``trial.suggest_float`` / ``suggest_int`` / ``suggest_categorical``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical parameter takes 'choices', not low/high")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} parameter needs low < high, got low={self.low}, high={self.high}")
+        if self.choices is not None:
+            raise ValueError(f"'choices' is for categorical parameters; a {self.type} one takes low/high")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined (Optuna does not support it)")
+        return self
+
+    def grid(self) -> list[Any]:
+        """The values a grid search visits: the choices, or low..high in ``step`` (ints: step 1)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        step = self.step or (1 if self.type == "int" else None)
+        if step is None:
+            raise ValueError("a grid search needs 'step' on float parameters (or use choices)")
+        n = int(round((self.high - self.low) / step)) + 1
+        values = [self.low + i * step for i in range(n)]
+        return [int(v) for v in values] if self.type == "int" else values
+
+    def sample_value(self) -> Any:
+        """A value used to check that the parameter's key exists in the experiment config."""
+        if self.type == "categorical":
+            return self.choices[0]
+        return int(self.low) if self.type == "int" else self.low
+
+
+class SearchConfig(Strict):
+    """An Optuna search run for every variant with the same budget before its final seeded runs."""
+
+    trials: PositiveInt = Field(20, description="trials per variant: the same for every variant")
+    metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy", description="validation only, never test")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: maximize accuracy, minimize loss")
+    sampler: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
+    sampler_seed: NonNegativeInt = 0
+    pruner: Literal["none", "median", "hyperband", "successive_halving", "wilcoxon"] = "median"
+    pruner_startup_trials: NonNegativeInt = Field(5, description="median: trials that finish before any is pruned")
+    space: dict[str, ParamSpec] = Field(default_factory=dict, description="dotted key into the experiment → parameter")
+    tuning_seeds: PositiveInt = Field(1, description="seeds per trial (10000, 10001, …; the objective is their mean)")
+
+    @model_validator(mode="after")
+    def _direction(self) -> SearchConfig:
+        if self.direction is None:
+            self.direction = "minimize" if self.metric.endswith("loss") else "maximize"
+        return self
+
+
+class Suite(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    question: str
+    description: str = ""
+    base: Experiment
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    baseline: str
+    seeds: PositiveInt | list[NonNegativeInt] = 3
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    search: SearchConfig | None = Field(None, description="tune every variant with Optuna before the seeded runs")
+
+    # filled by load_suite: each variant's validated experiment, and where the suite came from
+    experiments: dict[str, Experiment] = Field(default_factory=dict, exclude=True)
+    source: str = Field("", exclude=True)
+    warnings: list[str] = Field(default_factory=list, exclude=True)
+    search_spaces: dict[str, dict[str, ParamSpec]] = Field(default_factory=dict, exclude=True)  # per variant: suite + own
+
+    def search_space(self, variant: str) -> dict[str, ParamSpec]:
+        """The suite's space plus the variant's own ``search_space`` (empty when the suite does not search)."""
+        return self.search_spaces.get(variant, {})
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v: dict) -> dict:
+        for name in v:
+            if not re.match(r"^[A-Za-z0-9_.-]+$", str(name)):
+                raise ValueError(f"variant name '{name}' may only use letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"seeds must be a count or a non-empty list of distinct seeds, got {v}")
+        return v
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_is_a_variant(cls, v: str, info: ValidationInfo) -> str:
+        variants = info.data.get("variants")  # absent when variants itself is invalid
+        if variants is not None and v not in variants:
+            raise ValueError(f"baseline '{v}' is not a variant;{did_you_mean(v, list(variants))} variants: {', '.join(variants)}")
+        return v
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)

@@ -1,0 +1,213 @@
+"""The report file and the index of reports: ``build_report`` queries MLflow, draws the plots and writes
+``<reports_dir>/<suite>.md``; ``write_index`` lists every report in ``<reports_dir>/README.md``."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from cnnbench.config import Suite
+from cnnbench.report.plots import (
+    compression_plots,
+    plot_bars,
+    plot_curves,
+    plot_forest,
+    plot_pareto,
+    plot_profiles,
+    plot_tuning,
+)
+from cnnbench.report.prose import answer, compression_lines, determinism, pairing, tuning_lines
+from cnnbench.report.selection import (
+    comparisons,
+    primary_higher_is_better,
+    select_runs,
+    ttt_by_seed,
+    tuning_frame,
+)
+from cnnbench.report.tables import metrics_table, n_of, to_markdown, verdict_table
+from cnnbench.tracking import ROLE_SUITE, Tracker
+
+META_PREFIX = "<!-- cnnbench-report "
+
+
+def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "reports") -> Path:
+    """Write ``<reports_dir>/<suite>.md`` and its PNGs from the runs in MLflow; refresh the index."""
+    reports_dir = Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    frame = tracker.runs_frame(suite.name)
+    runs = select_runs(suite, frame)
+    finished = runs[runs["status"] == "finished"]
+    history = tracker.history(finished["run_id"].tolist(), ["val_accuracy", "train_time_cum_s"])
+    curves, bars = reports_dir / f"{suite.name}_curves.png", reports_dir / f"{suite.name}_bars.png"
+    has_curves = plot_curves(suite, runs, history, curves)
+    has_bars = plot_bars(suite, runs, bars)
+    comps = comparisons(suite, runs)
+    table = verdict_table(suite, runs, comps)
+    forest, pareto = reports_dir / f"{suite.name}_forest.png", reports_dir / f"{suite.name}_pareto.png"
+    has_forest = plot_forest(suite, comps, forest)
+    has_pareto = plot_pareto(suite, runs, pareto)
+    tradeoffs = compression_plots(suite, runs, reports_dir)  # issue 6: accuracy vs latency / size
+    searches, trials = tuning_frame(suite, frame)
+    tuning_png = reports_dir / f"{suite.name}_tuning.png"
+    has_tuning_plot = suite.search is not None and plot_tuning(suite, trials, tuning_png)
+
+    parents = frame[frame["tags.cnnbench.role"] == ROLE_SUITE].sort_values("start_time") if not frame.empty else frame
+    used_parents = set(runs.get("tags.mlflow.parentRunId", pd.Series(dtype=str)).dropna())
+    last = parents.iloc[-1] if not parents.empty else None
+    env = {k.removeprefix("params.env."): v for k, v in (last.to_dict() if last is not None else {}).items()
+           if k.startswith("params.env.") and isinstance(v, str)}
+    devices = ", ".join(sorted(set(runs.get("tags.cnnbench.device", pd.Series(dtype=str)).dropna()))) or "–"
+    exp0 = suite.experiments[suite.baseline]
+    datasets = ", ".join(sorted({e.data.dataset for e in suite.experiments.values()}))
+    epochs = sorted({e.train.epochs for e in suite.experiments.values()})
+    total_train = pd.to_numeric(runs.get("metrics.train_time_s", pd.Series(dtype=float)), errors="coerce").sum()
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    last_run = (datetime.fromtimestamp(last["start_time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                if last is not None else "–")
+    summary = answer(suite, runs, comps)
+    meta = {"name": suite.name, "question": suite.question, "generated": generated, "primary": suite.report.primary,
+            "answer": summary, "time_to_target": ttt_by_seed(suite, runs)}
+
+    lines = [
+        f"{META_PREFIX}{json.dumps(meta)} -->",
+        f"# {suite.name}",
+        "",
+        f"**Question.** {suite.question}",
+        "",
+        f"**Answer.** {summary}",
+        "",
+    ]
+    if suite.description:
+        lines += [suite.description.strip(), ""]
+    lines += [
+        "| | |",
+        "|---|---|",
+        f"| dataset | {datasets} (batch {exp0.data.batch_size}, validation {exp0.data.val_fraction:.0%} of train"
+        + (f", first {exp0.data.limit_train} training images" if exp0.data.limit_train else "") + ") |",
+        f"| budget | {len(suite.variants)} variants × {len(suite.seed_list())} seeds × {'/'.join(map(str, epochs))} epochs"
+        f" = {len(runs)} runs, {total_train:.1f} s of training in all |",
+        f"| baseline | `{suite.baseline}`: {exp0.model.name}, {exp0.optimizer.name} lr {exp0.optimizer.lr:g}, "
+        f"{exp0.schedule.name} schedule |",
+        f"| primary metric | {suite.report.primary} ({'higher' if primary_higher_is_better(suite) else 'lower'} is better) |",
+        f"| runs from | {last_run} (newest suite run); report generated {generated} |",
+        f"| device | {devices}; {env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads |",
+        "",
+        "## Results",
+        "",
+        f"Each variant against the baseline, paired by seed. {pairing(suite)} The {suite.report.primary} column "
+        f"is the mean over finished seeds with a t-interval; Δ is the mean paired difference with a t-interval on "
+        f"the differences; p is the paired t-test, Holm-corrected across the {n_of(len(suite.variants) - 1, 'variant')}; the "
+        f"verdict is at α = {suite.report.alpha:g}. Time to target is the Kaplan–Meier median of the training time "
+        "until validation accuracy first reaches the target: runs that never reach it count as censored at their "
+        "training time, not dropped. Diverged, failed and skipped runs are counted in the last column and left out "
+        "of the means.",
+        "",
+        to_markdown(table),
+        "",
+        determinism(frame),
+        "",
+        "<details><summary>Every metric: paired Δ, p, Holm p, Wilcoxon p (n ≥ 6), verdict</summary>",
+        "",
+        to_markdown(metrics_table(suite, runs, comps)),
+        "",
+        "</details>",
+        "",
+    ]
+    if suite.search is not None:
+        present = runs[runs["status"] != "missing"]
+        plain = sorted(set(present[~present["tuned"].astype(bool)]["variant"]), key=list(suite.variants).index)
+        lines += [("Runs of " + ", ".join(f"`{v}`" for v in plain) + " use the values written in the suite, not tuned "
+                   "ones (they ran with `--no-search`).") if plain else
+                  "Every run uses its variant's tuned values (see Tuning).", ""]
+    problems = runs[runs["status"].isin(["diverged", "failed", "skipped", "killed"])]
+    if not problems.empty:
+        lines += ["Runs that did not finish:", ""]
+        for _, r in problems.iterrows():
+            reason = r.get("tags.cnnbench.reason") if isinstance(r.get("tags.cnnbench.reason"), str) else ""
+            lines.append(f"- `{r['variant']}/seed{r['seed']}`: {r['status']}{' — ' + reason if reason else ''}")
+        lines.append("")
+    lines += compression_lines(suite, runs, tradeoffs)
+    if has_curves or has_bars or has_forest or has_pareto:
+        lines += ["## Plots", ""]
+        if has_forest:
+            lines += [f"![paired differences with confidence intervals]({forest.name})", ""]
+        if has_curves:
+            lines += [f"![learning curves]({curves.name})", ""]
+        if has_bars:
+            lines += [f"![{suite.report.primary} per variant]({bars.name})", ""]
+        if has_pareto:
+            lines += [f"![{suite.report.primary} against training throughput]({pareto.name})", ""]
+    if suite.search is not None:
+        lines += tuning_lines(suite, searches, trials, tuning_png if has_tuning_plot else None)
+    lines += ["## Variants", "", "Each variant changes the baseline by:", ""]
+    for name, override in suite.variants.items():
+        lines.append(f"- `{name}`: " + (f"`{json.dumps(override, separators=(', ', ': '))}`" if override else "baseline"))
+    lines += ["", "## Environment", ""]
+    env_keys = ["cnnbench", "git_commit", "python", "torch", "torchvision", "mlflow", "platform", "cpu", "cpu_count",
+                "torch_threads"]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {env[k]} |" for k in env_keys if k in env] + [""]
+    lines += ["## Reproduce", "", "```", env.get("command") or f"cnnbench run {suite.source}", "```", ""]
+    if not runs["run_id"].dropna().empty:
+        lines += [
+            f"MLflow experiment `{suite.name}` at `{tracker.uri}`; suite runs "
+            + ", ".join(f"`{p}`" for p in sorted(used_parents)) + ".",
+            "",
+            "<details><summary>Run ids</summary>",
+            "",
+            to_markdown(runs[["variant", "seed", "status", "run_id"]].fillna("–")),
+            "",
+            "</details>",
+            "",
+        ]
+    path = reports_dir / f"{suite.name}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    write_index(reports_dir)
+    return path
+
+
+def write_index(reports_dir: str | Path) -> Path:
+    """``reports/README.md``: one line per report with its answer, read from each report's metadata
+    comment, and the performance profiles of time-to-target across suites."""
+    reports_dir = Path(reports_dir)
+    rows, metas = [], []
+    for md in sorted(reports_dir.glob("*.md")):
+        if md.name == "README.md":
+            continue
+        first = md.read_text().split("\n", 1)[0]
+        if not first.startswith(META_PREFIX):
+            continue
+        meta = json.loads(re.sub(r"\s*-->\s*$", "", first.removeprefix(META_PREFIX)))
+        metas.append(meta)
+        rows.append(f"| [{meta['name']}]({md.name}) | {meta['question']} | {meta.get('answer', '–')} | {meta['generated']} |")
+    lines = [
+        "# Reports",
+        "",
+        "Generated by `cnnbench run` / `cnnbench report` from the runs recorded in MLflow. Do not edit by hand.",
+        "",
+        "| report | question | answer | generated |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    profile = reports_dir / "profiles.png"
+    if plot_profiles(metas, profile):
+        lines += [
+            "## Performance profiles (time to target)",
+            "",
+            "AlgoPerf-style: for each suite, a case is one seed; a variant's curve at τ is the fraction of cases "
+            "in which it reached the suite's validation target within τ× the training time of the fastest variant "
+            "of that case. Higher and further left is better; a curve that stays below 1 did not reach the target "
+            "in some cases (or was never fastest enough).",
+            "",
+            f"![performance profiles]({profile.name})",
+            "",
+        ]
+    index = reports_dir / "README.md"
+    index.write_text("\n".join(lines))
+    return index

@@ -1,0 +1,124 @@
+"""Which runs a report shows, and the numbers it takes from them: per-seed values, paired comparisons
+with the baseline, time to target, and the tuning runs of the suite's current studies."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from cnnbench import stats
+from cnnbench.config import Suite, plan, study_name
+from cnnbench.metrics import CENSORED, metric
+from cnnbench.tracking import DONE_STATUSES, ROLE_RUN, ROLE_SEARCH, ROLE_TRIAL
+
+
+def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per planned (variant, seed): the newest matching run, preferring a finished/diverged one,
+    and a tuned run (``tuned`` column) over an untuned one when the suite searches."""
+    rows = []
+    runs = frame[frame.get("tags.cnnbench.role", pd.Series(dtype=str)) == ROLE_RUN] if not frame.empty else frame
+    keys = pd.Series(dtype=str)
+    if not runs.empty:  # runs from before plan keys existed are matched on their fingerprint
+        keys = runs["tags.cnnbench.fingerprint"]
+        if "tags.cnnbench.plan_key" in runs:
+            keys = runs["tags.cnnbench.plan_key"].fillna(keys)
+    untuned = plan(suite)
+    tuned = plan(suite, {v: e for v, e in suite.experiments.items()}) if suite.search is not None else untuned
+    for spec, tuned_spec in zip(untuned, tuned):
+        row = {"variant": spec.variant, "seed": spec.seed, "status": "missing", "run_id": None, "tuned": False}
+        for key, is_tuned in ((tuned_spec.plan_key, suite.search is not None), (spec.plan_key, False)):
+            match = runs[keys == key] if not runs.empty else runs
+            if match.empty:
+                continue
+            match = match.sort_values("start_time", ascending=False)
+            done = match[match["tags.cnnbench.status"].isin(DONE_STATUSES) & (match["status"] == "FINISHED")]
+            best = done.iloc[0] if not done.empty else match.iloc[0]
+            status = best["tags.cnnbench.status"]
+            row.update(best.to_dict(), status="failed" if status == "running" else status, tuned=is_tuned)
+            row["variant"], row["seed"] = spec.variant, spec.seed
+            break
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tuning_frame(suite: Suite, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The search run of each variant's current study (one row per variant) and all of its trials."""
+    if suite.search is None or frame.empty or "tags.cnnbench.study" not in frame:
+        return pd.DataFrame(), pd.DataFrame()
+    studies = {study_name(suite, v): v for v in suite.variants}
+    current = frame[frame["tags.cnnbench.study"].isin(list(studies))]
+    searches = current[current["tags.cnnbench.role"] == ROLE_SEARCH].sort_values("start_time").drop_duplicates(
+        "tags.cnnbench.study")
+    trials = current[current["tags.cnnbench.role"] == ROLE_TRIAL].copy()
+    searches = searches.assign(variant=searches["tags.cnnbench.study"].map(studies))
+    trials = trials.assign(variant=trials["tags.cnnbench.study"].map(studies),
+                           trial=pd.to_numeric(trials.get("tags.cnnbench.trial"), errors="coerce"))
+    return searches, trials
+
+
+def per_seed(runs: pd.DataFrame, variant: str, metric: str) -> dict[int, float]:
+    """seed → value of ``metric`` for the variant's finished runs."""
+    col = f"metrics.{metric}"
+    fin = runs[(runs["variant"] == variant) & (runs["status"] == "finished")]
+    if col not in fin:
+        return {}
+    values = pd.to_numeric(fin[col], errors="coerce")
+    return {int(s): float(v) for s, v in zip(fin["seed"], values) if pd.notna(v)}
+
+
+def higher_is_better(suite: Suite, name: str) -> bool | None:
+    """The catalogue's direction of ``name`` (None: neutral), or the suite's ``report.higher_is_better``
+    for its primary metric when that is set."""
+    if name == suite.report.primary and suite.report.higher_is_better is not None:
+        return suite.report.higher_is_better
+    return metric(name).higher_is_better
+
+
+def primary_higher_is_better(suite: Suite) -> bool:
+    """Which way the primary metric is better (a neutral one is read as higher)."""
+    return higher_is_better(suite, suite.report.primary) is not False
+
+
+def comparisons(suite: Suite, runs: pd.DataFrame) -> dict[str, dict[str, stats.Paired]]:
+    """metric → variant → paired comparison with the baseline (Holm across variants, per metric).
+    A neutral metric's significant differences are called higher/lower instead of better/worse."""
+    metrics = list(dict.fromkeys([suite.report.primary, *suite.report.metrics]))
+    # time to target is censored: compared through the Kaplan–Meier median, not as a paired mean
+    metrics = [m for m in metrics if m not in CENSORED]
+    out = {}
+    for m in metrics:
+        values = {v: per_seed(runs, v, m) for v in suite.variants}
+        higher = higher_is_better(suite, m)
+        out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher is not False)
+        if higher is None:
+            for r in out[m].values():
+                r.verdict = {"better": "higher", "worse": "lower"}.get(r.verdict, r.verdict)
+    return out
+
+
+def time_to_target(runs: pd.DataFrame, variant: str) -> stats.TimeToTarget:
+    """Censored at the run's training time when a finished or diverged run never reached the target."""
+    sub = runs[(runs["variant"] == variant) & runs["status"].isin(["finished", "diverged"])]
+    if "metrics.time_to_target_s" not in sub:
+        return stats.TimeToTarget(0, 0, math.inf)
+    t = pd.to_numeric(sub["metrics.time_to_target_s"], errors="coerce")
+    total = pd.to_numeric(sub.get("metrics.train_time_s"), errors="coerce")
+    return stats.time_to_target(t.dropna().tolist(), total[t.isna()].dropna().tolist())
+
+
+def ttt_by_seed(suite: Suite, runs: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """variant → seed → time to target (None: not reached), for the profiles in the index."""
+    out = {}
+    for variant in suite.variants:
+        sub = runs[(runs["variant"] == variant) & runs["status"].isin(["finished", "diverged"])]
+        col = sub.get("metrics.time_to_target_s", pd.Series(index=sub.index, dtype=float))
+        out[variant] = {str(int(s)): (None if pd.isna(t) else round(float(t), 4)) for s, t in zip(sub["seed"], col)}
+    return out
+
+
+def common(suite: Suite, get) -> object:
+    """``get(experiment)`` when every variant has the same value, else None."""
+    values = {json.dumps(get(e), default=str) for e in suite.experiments.values()}
+    return get(next(iter(suite.experiments.values()))) if len(values) == 1 else None

@@ -1,0 +1,161 @@
+"""The report's tables (verdicts, every metric, tuning) and the small formatters they share."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from cnnbench import stats
+from cnnbench.config import Suite
+from cnnbench.metrics import Metric, metric
+from cnnbench.report.selection import per_seed, time_to_target
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, disable_numparse=True)
+
+
+def n_of(k: int, word: str) -> str:
+    """``1 variant``, ``2 variants``."""
+    return f"{k} {word}{'s' * (k != 1)}"
+
+
+def p_text(p: float) -> str:
+    return "–" if p is None or math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def short(v: str) -> str:
+    """A tuned value as text: numbers to 4 significant digits, anything else as it is."""
+    try:
+        return f"{float(v):.4g}"
+    except ValueError:
+        return v
+
+
+def mean_std(values: pd.Series, fmt: Metric) -> str:
+    """``mean ± sd`` over seeds (sample std), or the single value."""
+    values = values.dropna()
+    if values.empty:
+        return "–"
+    sd = values.std(ddof=1) if len(values) > 1 else 0.0
+    return fmt(values.mean()) if sd == 0 else f"{fmt(values.mean())} ± {fmt(sd)}"
+
+
+def mean_ci(values: list[float], fmt: Metric, alpha: float) -> str:
+    """``mean [low, high]`` (t-interval of the mean), or the single value."""
+    from scipy import stats as st
+
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
+        return "–"
+    mean = sum(v) / len(v)
+    if len(v) < 2 or len(set(v)) == 1:
+        return fmt(mean)
+    lo, hi = st.t.interval(1 - alpha, len(v) - 1, loc=mean, scale=st.sem(v))
+    return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def delta_ci(r: stats.Paired | None, fmt: Metric) -> str:
+    if r is None or r.n == 0:
+        return "–"
+    if r.n < 2 or math.isnan(r.low):
+        return f"{fmt.delta(r.delta)} (n={r.n})"
+    if r.method == "exact":
+        return f"{fmt.delta(r.delta)} (exact, n={r.n})"
+    return f"{fmt.delta(r.delta)} [{fmt.delta(r.low)}, {fmt.delta(r.high)}] (n={r.n})"
+
+
+def ratio(runs: pd.DataFrame, suite: Suite, variant: str, name: str) -> str:
+    """Mean over paired seeds of baseline / variant (× smaller or × faster), with the range over seeds."""
+    base, mine = per_seed(runs, suite.baseline, name), per_seed(runs, variant, name)
+    ratios = [base[s] / mine[s] for s in base.keys() & mine.keys() if mine[s] > 0]
+    if not ratios:
+        return "–"
+    mean = sum(ratios) / len(ratios)
+    return f"{mean:.2f}×" + (f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else "")
+
+
+def counts(runs: pd.DataFrame, variant: str) -> str:
+    """``finished/diverged/failed/skipped`` seeds, and killed or missing ones when there are any."""
+    by_status = runs[runs["variant"] == variant]["status"].value_counts()
+    text = "/".join(str(int(by_status.get(s, 0))) for s in ("finished", "diverged", "failed", "skipped"))
+    extra = [f"{int(by_status[s])} {s}" for s in ("killed", "missing") if by_status.get(s, 0)]
+    return text + (" (" + ", ".join(extra) + ")" if extra else "")
+
+
+def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
+    """One row per variant: the primary metric with its CI, the paired Δ, Holm p, verdict and costs."""
+    primary, alpha = suite.report.primary, suite.report.alpha
+    fmt = metric(primary)
+    rows = []
+    for variant in suite.variants:
+        r = comps[primary].get(variant)
+        row = {
+            "variant": f"**{variant}** (baseline)" if variant == suite.baseline else variant,
+            f"{fmt.label} [{1 - alpha:.0%} CI]": mean_ci(list(per_seed(runs, variant, primary).values()), fmt, alpha),
+            f"Δ vs baseline [{1 - alpha:.0%} CI]": "–" if r is None else delta_ci(r, fmt),
+            "p (Holm)": "–" if r is None else p_text(r.p_holm),
+            "verdict": "baseline" if r is None else r.verdict,
+            "time to target (KM median)": str(time_to_target(runs, variant)),
+        }
+        for m in ("train_throughput", "params"):
+            vals = list(per_seed(runs, variant, m).values())
+            row[metric(m).label] = metric(m)(sum(vals) / len(vals)) if vals else "–"
+        row["seeds fin/div/fail/skip"] = counts(runs, variant)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metrics_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
+    """Every reported metric: mean ± sd per variant and, vs the baseline, Δ [CI], p, Holm p, Wilcoxon p, verdict."""
+    rows = []
+    for m, by_variant in comps.items():
+        fmt = metric(m)
+        for variant in suite.variants:
+            vals = list(per_seed(runs, variant, m).values())
+            r = by_variant.get(variant)
+            rows.append({
+                "metric": fmt.label, "variant": variant,
+                "mean ± sd": mean_std(pd.Series(vals, dtype=float), fmt),
+                "Δ vs baseline [CI]": "–" if r is None else delta_ci(r, fmt),
+                "p": "–" if r is None else p_text(r.p),
+                "p (Holm)": "–" if r is None else p_text(r.p_holm),
+                "p Wilcoxon": "–" if r is None else p_text(r.p_wilcoxon),
+                "verdict": "baseline" if r is None else r.verdict,
+            })
+    return pd.DataFrame(rows)
+
+
+def tuning_table(suite: Suite, searches: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant's search run: best values and metric, trial counts, epochs and pruning savings."""
+    fmt = metric(suite.search.metric)
+
+    def num(row, key, default=0.0):
+        v = pd.to_numeric(row.get(f"metrics.{key}"), errors="coerce")
+        return default if pd.isna(v) else v
+
+    rows = []
+    for _, r in searches.set_index("variant").reindex(list(suite.variants)).dropna(how="all").iterrows():
+        best = {k.removeprefix("tags.best."): v for k, v in r.items() if k.startswith("tags.best.") and isinstance(v, str)}
+        best_txt = ", ".join(f"{k} = {short(v)}" for k, v in best.items()) or "–"
+        trials = "/".join(str(int(num(r, f"trials_{k}"))) for k in ("complete", "pruned", "failed"))
+        rows.append({
+            "variant": r.name, "best values": best_txt,
+            f"best {fmt.label}": fmt(num(r, "best_value", float("nan"))) if best else "–",
+            "trials complete/pruned/failed": trials,
+            "epochs trained": f"{int(num(r, 'epochs_run'))}",
+            "epochs saved by pruning": f"{int(num(r, 'epochs_saved_by_pruning'))} ({num(r, 'epochs_saved_fraction'):.0%})",
+            "search run": f"`{r['run_id']}`",
+        })
+    return pd.DataFrame(rows)
+
+
+def importance_table(searches: pd.DataFrame) -> pd.DataFrame | None:
+    """Parameter importances per variant (rows) and parameter (columns), or None when none were logged."""
+    imp_cols = [c for c in searches if c.startswith("metrics.importance.")]
+    if not imp_cols:
+        return None
+    imp = searches.set_index("variant")[imp_cols].rename(columns=lambda c: c.removeprefix("metrics.importance."))
+    imp = imp.dropna(how="all").apply(lambda col: col.map(lambda v: "–" if pd.isna(v) else f"{v:.2f}"))
+    return imp.reset_index()
