@@ -1,6 +1,10 @@
 """Malformed suites, generated with hypothesis: `cnnbench validate` and `run` exit 2 with a message
 naming the problem — never a traceback (an uncaught exception fails these tests: catch_exceptions=False)."""
 
+import re
+import time
+
+import pytest
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -65,3 +69,38 @@ def test_one_broken_value_in_a_valid_suite_never_crashes(tmp_path, path, value):
 @given(text=st.text(alphabet=st.sampled_from(list("{}[]:,-'\"&*!|>%@` \n\tab1.#")), max_size=80))
 def test_broken_yaml_syntax_names_the_file(tmp_path, text):
     _assert_clean(_validate(tmp_path, text))
+
+
+def _laughs(levels: int = 9) -> str:
+    """A "billion laughs": each anchor is a list of nine aliases of the previous one (9⁹ values, ~1 KB)."""
+    lines = ["name: bomb", "question: q", "a0: &a0 [lol]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    lines += [f"base: {{data: *a{levels}}}", "variants: {x: {}}", "baseline: x"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, line, words", [
+    (_laughs(), 1, "anchors and aliases expand to more than"),
+    ("name: deep\nquestion: q\nbase: " + "[" * 3000 + "]" * 3000 + "\n", 3, "nested more than"),
+    ("name: deep\nquestion: q\nbase:\n" + "".join(" " * (2 * i) + f"k{i}:\n" for i in range(1, 200)) + "variants: {}\n",
+     None, "nested more than"),
+])
+def test_alias_bombs_and_runaway_nesting_are_refused_at_once(tmp_path, text, line, words):
+    """Bounded before anything walks the expanded tree: no MemoryError, no RecursionError, no traceback."""
+    started = time.perf_counter()
+    result = _validate(tmp_path, text)
+    elapsed = time.perf_counter() - started
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and words in result.output, result.output
+    assert re.search(r"fuzz\.yaml:%s:" % (line if line is not None else r"\d+"), result.output), result.output
+    assert elapsed < 5, f"took {elapsed:.1f} s"  # unbounded, the laughs take minutes and gigabytes
+
+
+def test_an_alias_bomb_in_a_set_override_is_refused_too(tmp_path):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(TINY_SUITE)
+    deep = "[" * 500 + "]" * 500
+    result = CliRunner().invoke(main, ["validate", str(path), "--set", f"base.train.epochs={deep}"],
+                                catch_exceptions=False)
+    assert result.exit_code == 2 and "nested more than" in result.output and "--set base.train.epochs" in result.output

@@ -5,6 +5,7 @@ replace at full rank, ranks are chosen as specified, and ``factorize`` rewrites 
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,90 @@ def test_bad_rank_or_scheme_for_a_single_layer():
         lr.factor_conv(nn.Conv2d(2, 2, 3), 1, "tucker")
     with pytest.raises(ValueError, match="grouped"):
         lr.factor_conv(nn.Conv2d(4, 4, 3, groups=2), 1)
+
+
+# ───────────────────────────── as a technique of a suite ─────────────────────────────
+
+LOW_RANK_SUITE = """\
+name: lowrank
+question: How much smaller is a factorized net, and what does it cost?
+base:
+  data: {dataset: synthetic, batch_size: 64, eval_batch_size: 64, val_fraction: 0.25, synthetic: {train_size: 256, test_size: 128, image_size: 28}}
+  model: {name: lenet5}
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+  train: {epochs: 2}
+  device: cpu
+  inference: {repeats: 2, warmup: 1}
+variants:
+  dense: {}
+  same_epochs: {low_rank: {rank_ratio: 1.0, finetune_epochs: 1}}
+  r25: {low_rank: {rank_ratio: 0.25}}
+  e90_ft: {low_rank: {energy: 0.9, conv: spatial, finetune_epochs: 1}}
+  r25_int8: {low_rank: {rank_ratio: 0.25}, quantize: {method: static, calibration_batches: 2}, inference: {compile: never}}
+baseline: dense
+seeds: 1
+"""
+
+
+def test_low_rank_schema_refuses_bad_blocks_with_the_line_and_fix(tmp_path):
+    from cnnbench.config import SuiteError, load_suite
+    from cnnbench.registries import all_registries
+
+    path = tmp_path / "lr.yaml"
+    path.write_text(LOW_RANK_SUITE)
+    for override, expected in [("variants.r25.low_rank.energy=0.9", "give exactly one of rank_ratio"),
+                               ("variants.r25.low_rank.rank_ratio=1.5", "less than or equal to 1"),
+                               ("variants.r25.low_rank.conv=diagonal", "'channel' or 'spatial'"),
+                               ("variants.dense.low_rank={rank_ratio: 0.5}", "cannot be its source itself")]:
+        with pytest.raises(SuiteError) as e:
+            load_suite(path, [override], registries=all_registries())
+        assert any(expected in str(p) and p.where.startswith(("--set", str(path))) for p in e.value.problems), \
+            (override, e.value.problems)
+
+
+def test_validate_counts_only_the_fine_tuning_epochs_of_low_rank_variants(tmp_path):
+    from cnnbench.config import load_suite
+    from cnnbench.plan_summary import trained_epochs
+    from cnnbench.registries import all_registries
+
+    path = tmp_path / "lr.yaml"
+    path.write_text(LOW_RANK_SUITE)
+    suite = load_suite(path, registries=all_registries())
+    assert {v: trained_epochs(e) for v, e in suite.experiments.items()} == \
+        {"dense": 2, "same_epochs": 1, "r25": 0, "e90_ft": 1, "r25_int8": 0}
+
+
+@pytest.mark.slow
+def test_a_low_rank_suite_factorizes_the_trained_baseline_and_records_what_it_saved(cli, workdir):
+    import json
+
+    import mlflow
+
+    from tests.conftest import write_suite
+
+    result = cli("run", write_suite(workdir / "lr.yaml", LOW_RANK_SUITE), "-q")
+    assert result.exit_code == 0, result.output
+    assert "5 finished" in result.output
+    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    exp = client.get_experiment_by_name("lowrank")
+    runs = {r.info.run_name.split("/")[0]: r for r in client.search_runs([exp.experiment_id],
+                                                                          "tags.`cnnbench.role` = 'run'")}
+    dense, same, r25, e90, int8 = (runs[v].data for v in ("dense", "same_epochs", "r25", "e90_ft", "r25_int8"))
+    # the control changes no layer (full rank never saves parameters) but fine-tunes one epoch like e90_ft
+    assert same.metrics["params"] == dense.metrics["params"] and same.metrics["low_rank_layers"] == 0
+    assert same.metrics["epochs_completed"] == 1 and e90.metrics["epochs_completed"] == 1
+    assert r25.metrics["params"] < 0.5 * dense.metrics["params"]
+    assert r25.metrics["low_rank_params_after"] < r25.metrics["low_rank_params_before"]
+    assert r25.metrics["model_size_bytes"] < 0.5 * dense.metrics["model_size_bytes"]
+    assert 0 < r25.metrics["low_rank_energy_kept"] < 1 and "test_accuracy" in r25.metrics
+    assert "low-rank SVD (rank 0.25 of full" in r25.tags["cnnbench.compression"]
+    assert "k×1 → r → 1×k" in e90.tags["cnnbench.compression"]
+    # chained with int8: factorized first, then quantized (the description says both, in that order)
+    how = int8.tags["cnnbench.compression"]
+    assert how.index("low-rank") < how.index("quantize static")
+    assert int8.metrics["model_size_bytes"] < r25.metrics["model_size_bytes"]
+    layers = json.loads(Path(client.download_artifacts(runs["r25"].info.run_id, "low_rank.json",
+                                                       str(workdir))).read_text())
+    assert {rec["kind"] for rec in layers.values()} == {"linear", "conv_channel"}
+    report = (workdir / "reports" / "lowrank.md").read_text()
+    assert "low-rank SVD" in report and "lowrank_size.png" in report
