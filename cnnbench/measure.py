@@ -157,7 +157,7 @@ def inference_metrics(deployed, float_model: torch.nn.Module, input_shape: tuple
                       repeats: int = 50, warmup: int = 10) -> dict[str, float]:
     """Every run's inference figures. ``deployed`` is what runs (e.g. a compiled int8 graph); ``float_model``
     is the float model it came from, for parameter counts and FLOPs (int8 ops are counted as their float ops).
-    ``size_model`` is ``deployed`` unless it is a compiled wrapper."""
+    The size on disk is measured apart (``model_size_bytes``), on the model rather than a compiled wrapper."""
     out: dict[str, float] = {}
     for bs in (1, 64):
         p50, p95 = latency_ms(deployed, input_shape, bs, device, repeats, warmup)

@@ -104,7 +104,7 @@ _ROWS = (
     Metric("stopped_early_epoch", "stopped early at epoch", "int", "neutral", "stochastic"),
     Metric("diverged_epoch", "diverged at epoch", "int", "neutral", "stochastic"),
     Metric("resumed_from_epoch", "resumed from epoch", "int", "neutral", "timing"),
-    # ── the model (issue 6: inference and compression) ──
+    # ── the model: inference and compression ──
     Metric("params", "params", "int", "cost", "deterministic"),
     Metric("nonzero_params", "non-zero params", "int", "cost", "deterministic"),
     Metric("flops", "FLOPs/sample", "int", "cost", "deterministic"),

@@ -1,4 +1,4 @@
-"""Compression (issue 6): quantization, pruning, distillation, checkpoints and inference metrics —
+"""Compression: quantization, pruning, distillation, checkpoints and inference metrics —
 each on a tiny model with real torchao / torch.nn.utils.prune, and end to end through the runner
 into a real SQLite MLflow store."""
 

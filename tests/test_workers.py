@@ -1,4 +1,4 @@
-"""Scale-out (issue 8), for real: a PostgreSQL database per test (the local server, trust auth), a real
+"""Scale-out, for real: a PostgreSQL database per test (the local server, trust auth), a real
 ``mlflow server`` process on PostgreSQL, and ``cnnbench run`` worker processes started, killed and
 interrupted with real signals. Bounded in time: heartbeats every 1 s, a 5 s grace period."""
 
