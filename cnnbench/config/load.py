@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cnnbench import techniques
 from cnnbench.config.plan import references, upstream_variants
 from cnnbench.config.schema import Experiment, ParamSpec, Suite
 from cnnbench.config.source import (
@@ -169,6 +170,10 @@ def _startswith_data(override: dict, loc: tuple) -> bool:
     return True
 
 
+def _post_training() -> list[str]:
+    return sorted(n for n, t in techniques.registered().items() if t.stage == "post_training")
+
+
 def _reference_problems(suite: Suite, locator: Locator) -> list[Problem]:
     """Sources and teachers are trainable variants of the suite or existing checkpoints; no cycles;
     a compressed model has its source's architecture. Sets each dependent experiment's upstream identity."""
@@ -190,7 +195,7 @@ def _reference_problems(suite: Suite, locator: Locator) -> list[Problem]:
     for name, exp in suite.experiments.items():
         if exp.start_from is not None and not exp.compresses:
             problem(name, ("start_from",), "start_from is for variants that quantize, prune or factorize a trained "
-                    "model; add such a section (quantize, prune, low_rank), or remove start_from")
+                    f"model; add such a section ({', '.join(_post_training())}), or remove start_from")
         for reference in references(suite, name):
             keys, ref, model, role = reference.keys, reference.ref, reference.model, reference.role
             if ref == name:
@@ -215,7 +220,8 @@ def _reference_problems(suite: Suite, locator: Locator) -> list[Problem]:
                         "e.g. {name: mnist_net}")
     if suite.search is not None and any(references(suite, v) for v in suite.experiments):
         problems.append(Problem(locator.where(("search",)), "search",
-                                "search is not supported in suites with quantize/prune/low_rank/distill variants yet"))
+                                "search is not supported yet in suites whose variants need other variants' weights "
+                                f"({', '.join(_post_training())}, distill)"))
     if problems:
         return problems
 
