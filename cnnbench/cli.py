@@ -233,18 +233,26 @@ def report(suite, overrides, tracking_uri, reports_dir):
 @main.command(name="list")
 @click.argument("kind", required=False)
 def list_(kind):
-    """List what is registered (datasets, models, optimizers, …), per kind."""
+    """List what is registered (datasets, models, optimizers, …, techniques), per kind."""
+    from cnnbench import techniques
     from cnnbench.registries import all_registries
     from cnnbench.registry import did_you_mean
 
     regs = all_registries()
+    kinds = [*regs, "technique"]
     if kind is not None:
-        key = kind.rstrip("s") if kind.rstrip("s") in regs else kind
-        if key not in regs:
-            _fail(f"unknown kind '{kind}';{did_you_mean(kind, list(regs))} kinds: {', '.join(regs)}")
-        regs = {key: regs[key]}
-    for name, reg in regs.items():
+        key = kind.rstrip("s") if kind.rstrip("s") in kinds else kind
+        if key not in kinds:
+            _fail(f"unknown kind '{kind}';{did_you_mean(kind, kinds)} kinds: {', '.join(kinds)}")
+        kinds = [key]
+    for name in kinds:
         click.echo(f"{name}s:")
+        if name == "technique":  # name, stage, where its settings live, what it does
+            for t in sorted(techniques.registered().values(), key=lambda t: (t.stage, t.order, t.name)):
+                key = f"{t.name}:" if t.block is not None else "train:"
+                click.echo(f"  {t.name:<22} {t.stage.replace('_', '-')} ({key}) {t.summary}")
+            continue
+        reg = regs[name]
         for entry in reg.names():
             click.echo(f"  {entry:<22} {reg.info(entry)['doc']}")
         if reg.fallback_hint:

@@ -172,6 +172,9 @@ def test_validate_prints_the_plan_and_list_prints_registries(cli):
         assert word in result.output
     assert cli("list", "models").output.startswith("models:")
     assert cli("list", "modle").exit_code == 2
+    techniques = cli("list", "techniques").output
+    for word in ("low_rank", "post-training (low_rank:)", "precision", "training (train:)", "distill"):
+        assert word in techniques
 
 
 def test_report_without_runs_is_a_clear_error(cli, workdir):

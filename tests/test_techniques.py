@@ -27,6 +27,7 @@ def test_a_technique_declares_what_the_rest_of_the_house_reads(name):
     t = techniques.registered()[name]
     assert t.stage in ("training", "post_training")
     assert len(t.card()) > 100  # its method card: what it does, when it helps, what it costs
+    assert t.summary and "\n" not in t.summary
     if t.block is not None:  # its block is an optional key of every experiment, and of the JSON schema
         assert Experiment.model_fields[name].default is None
         assert name in json_schema()["$defs"]["Experiment"]["properties"]

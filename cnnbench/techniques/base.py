@@ -46,6 +46,7 @@ class Reference:
 class Technique:
     name: ClassVar[str]
     stage: ClassVar[Literal["training", "post_training"]]
+    summary: ClassVar[str]  # one line, for `cnnbench list techniques`
     block: ClassVar[type[BaseModel] | None] = None
     order: ClassVar[int] = 50
 

@@ -47,6 +47,7 @@ class Compile(Technique):
     """Settings in ``train:`` (``compile``, ``compile_mode``)."""
 
     name, stage = "compile", "training"
+    summary = "torch.compile the training step's model"
 
     def active(self, exp) -> bool:
         return exp.train.compile

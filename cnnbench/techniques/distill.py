@@ -48,6 +48,7 @@ def distillation_loss(teacher, temperature: float, alpha: float, label_smoothing
 @register
 class Distill(Technique):
     name, stage, block = "distill", "training", DistillConfig
+    summary = "train a student on a teacher's softened outputs as well as the labels"
 
     def check(self, exp) -> list[tuple[tuple[str, ...], str]]:
         if exp.compresses:

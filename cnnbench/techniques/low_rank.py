@@ -53,6 +53,7 @@ class LowRank(Technique):
     """First of the post-training techniques: a factorized model can then be pruned or quantized."""
 
     name, stage, block, order = "low_rank", "post_training", LowRankConfig, 10
+    summary = "factor Linear/Conv2d layers into thinner pairs by truncated SVD (rank ratio or energy kept)"
 
     def finetune_epochs(self, exp) -> int:
         return exp.low_rank.finetune_epochs

@@ -69,6 +69,7 @@ class Precision(Technique):
     """Settings in ``train:`` (``precision``); the training step calls :func:`autocast` and :func:`grad_scaler`."""
 
     name, stage = "precision", "training"
+    summary = "autocast the forward pass and loss to bf16/fp16 (fp16 with a GradScaler)"
 
     def active(self, exp) -> bool:
         return exp.train.precision != "fp32"

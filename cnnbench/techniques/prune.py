@@ -43,6 +43,7 @@ class PruneConfig(Strict):
 @register
 class Prune(Technique):
     name, stage, block, order = "prune", "post_training", PruneConfig, 20
+    summary = "zero the smallest weights or channels (torch.nn.utils.prune), or remove channels"
 
     def finetune_epochs(self, exp) -> int:
         p = exp.prune

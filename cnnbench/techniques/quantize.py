@@ -116,6 +116,7 @@ class Quantize(Technique):
     """Last of the post-training techniques: it turns the float model into an int8 graph, deployed compiled on the CPU."""
 
     name, stage, block, order = "quantize", "post_training", QuantizeConfig, 90
+    summary = "int8 through torchao PT2E for x86: dynamic, static or quantization-aware"
 
     def finetune_epochs(self, exp) -> int:
         return exp.quantize.qat_epochs if exp.quantize.method == "qat" else 0
