@@ -5,6 +5,7 @@ The golden file was written from main before the technique interface (issue 15);
 with a deliberate FINGERPRINT_VERSION bump: ``python tests/test_fingerprints.py --write``.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "fingerprints.json"
 
 
+@functools.cache
 def current() -> dict:
     from cnnbench.config import load_suite, plan, study_name
     from cnnbench.registries import all_registries
