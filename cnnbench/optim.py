@@ -15,16 +15,16 @@ from cnnbench.registry import Registry
 
 
 def _torch_optimizer(name: str):
-    """Any ``torch.optim`` optimizer class by its name (``NAdam``, ``RAdam``, …), called with its kwargs."""
-    cls = getattr(torch.optim, name, None)
-    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
-        return lambda params, lr, **kw: cls(params, lr=lr, **kw)
-    return None
+    """Any ``torch.optim`` optimizer class by its name in any case (``NAdam``, ``radam``, …), called with its kwargs."""
+    classes = {n.lower(): c for n, c in vars(torch.optim).items()
+               if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    cls = classes.get(name.lower())
+    return None if cls is None else (lambda params, lr, **kw: cls(params, lr=lr, **kw))
 
 
-OPTIMIZERS = Registry("optimizer", fallback=_torch_optimizer,
-                      fallback_hint="(or any torch.optim class by name, e.g. NAdam, with optimizer.kwargs)")
-SCHEDULES = Registry("schedule")
+OPTIMIZERS = Registry("optimizer", fallback=_torch_optimizer, any_case=True,
+                      fallback_hint="(or any torch.optim class by name, in any case, e.g. NAdam, with optimizer.kwargs)")
+SCHEDULES = Registry("schedule", any_case=True)  # torch.optim.lr_scheduler class names are aliases
 
 
 @OPTIMIZERS.register
@@ -90,25 +90,25 @@ def constant(optimizer, config, epochs: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-@SCHEDULES.register(interval="epoch")
+@SCHEDULES.register(interval="epoch", aliases=("StepLR",))
 def step(optimizer, config, epochs: int, steps_per_epoch: int):
     """Multiply the LR by ``gamma`` every ``step_size`` epochs (StepLR)."""
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
 
 
-@SCHEDULES.register(interval="epoch")
+@SCHEDULES.register(interval="epoch", aliases=("MultiStepLR",))
 def multistep(optimizer, config, epochs: int, steps_per_epoch: int):
     """Multiply the LR by ``gamma`` at each epoch in ``milestones`` (MultiStepLR)."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.milestones), gamma=config.gamma)
 
 
-@SCHEDULES.register(interval="epoch")
+@SCHEDULES.register(interval="epoch", aliases=("ExponentialLR",))
 def exponential(optimizer, config, epochs: int, steps_per_epoch: int):
     """Multiply the LR by ``gamma`` every epoch (ExponentialLR)."""
     return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
 
 
-@SCHEDULES.register(interval="epoch")
+@SCHEDULES.register(interval="epoch", aliases=("CosineAnnealingLR",))
 def cosine(optimizer, config, epochs: int, steps_per_epoch: int):
     """Cosine decay from the base LR to ``min_lr`` over the run (CosineAnnealingLR, per epoch)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=config.min_lr)
@@ -127,7 +127,7 @@ def warmup_cosine(optimizer, config, epochs: int, steps_per_epoch: int):
     )
 
 
-@SCHEDULES.register(interval="batch")
+@SCHEDULES.register(interval="batch", aliases=("OneCycleLR",))
 def onecycle(optimizer, config, epochs: int, steps_per_epoch: int):
     """One-cycle: up to the base LR (as max_lr) over ``pct_start`` of the run, then down; per batch."""
     max_lr = [g["lr"] for g in optimizer.param_groups]
@@ -135,7 +135,7 @@ def onecycle(optimizer, config, epochs: int, steps_per_epoch: int):
                                                steps_per_epoch=steps_per_epoch, pct_start=config.pct_start)
 
 
-@SCHEDULES.register(interval="plateau")
+@SCHEDULES.register(interval="plateau", aliases=("ReduceLROnPlateau",))
 def plateau(optimizer, config, epochs: int, steps_per_epoch: int):
     """Multiply the LR by ``gamma`` once validation loss has failed to improve for more than ``patience`` epochs."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.gamma,

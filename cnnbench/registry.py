@@ -23,15 +23,18 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
 class Registry:
     """Maps names to factories. ``kind`` is used in messages ("unknown model 'x'")."""
 
-    def __init__(self, kind: str, fallback: Callable[[str], Callable | None] | None = None, fallback_hint: str = ""):
-        """``fallback(name)`` may supply a factory for a name that is not registered (e.g. any torch.optim class)."""
+    def __init__(self, kind: str, fallback: Callable[[str], Callable | None] | None = None, fallback_hint: str = "",
+                 any_case: bool = False):
+        """``fallback(name)`` may supply a factory for a name that is not registered (e.g. any torch.optim class).
+        ``any_case``: names (and ``aliases``) are found whatever their case, as users type torch's class names."""
         self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
         self._info: dict[str, dict[str, Any]] = {}
-        self._fallback, self._fallback_hint = fallback, fallback_hint
+        self._aliases: dict[str, str] = {}  # lower-case name or alias → registered key (any_case only)
+        self._fallback, self._fallback_hint, self._any_case = fallback, fallback_hint, any_case
 
-    def register(self, fn: Callable | None = None, *, name: str | None = None, **info: Any):
-        """Register ``fn`` under its ``__name__`` (or ``name``); extra ``info`` is kept for listings."""
+    def register(self, fn: Callable | None = None, *, name: str | None = None, aliases: tuple[str, ...] = (), **info: Any):
+        """Register ``fn`` under its ``__name__`` (or ``name``) and its ``aliases``; extra ``info`` is kept for listings."""
 
         def deco(f: Callable) -> Callable:
             key = name or f.__name__
@@ -39,9 +42,17 @@ class Registry:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
             self._entries[key] = f
             self._info[key] = {"doc": (f.__doc__ or "").strip().split("\n")[0], **info}
+            if self._any_case:
+                self._aliases.update({n.lower(): key for n in (key, *aliases)})
             return f
 
         return deco(fn) if fn is not None else deco
+
+    def _key(self, name: str) -> str | None:
+        """The registered key ``name`` stands for (None: not registered; the fallback may still know it)."""
+        if name in self._entries:
+            return name
+        return self._aliases.get(str(name).lower()) if self._any_case else None
 
     @property
     def fallback_hint(self) -> str:
@@ -53,18 +64,19 @@ class Registry:
 
     def info(self, name: str) -> dict[str, Any]:
         fn = self.get(name)
-        return self._info.get(name) or {"doc": (fn.__doc__ or "").strip().split("\n")[0]}
+        return self._info.get(self._key(name) or name) or {"doc": (fn.__doc__ or "").strip().split("\n")[0]}
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries or (self._fallback is not None and self._fallback(str(name)) is not None)
+        return self._key(str(name)) is not None or (self._fallback is not None and self._fallback(str(name)) is not None)
 
     def unknown_message(self, name: str) -> str:
         hint = f" {self._fallback_hint}" if self._fallback_hint else ""
         return f"unknown {self.kind} '{name}';{did_you_mean(name, self.names())} available: {', '.join(self.names())}{hint}"
 
     def get(self, name: str) -> Callable[..., Any]:
-        if name in self._entries:
-            return self._entries[name]
+        key = self._key(name)
+        if key is not None:
+            return self._entries[key]
         found = self._fallback(name) if self._fallback is not None else None
         if found is None:
             raise UnknownNameError(self.unknown_message(name))

@@ -42,3 +42,27 @@ def test_all_kinds_are_registered():
     assert {"sgd", "adam"} <= set(regs["optimizer"].names())
     assert {"constant", "step", "cosine"} <= set(regs["schedule"].names())
     assert {"random_crop", "horizontal_flip", "rotation"} <= set(regs["augmentation"].names())
+
+
+def test_optimizer_and_schedule_names_are_found_in_any_case_and_by_torch_class_name():
+    import torch
+
+    from cnnbench.config import OptimizerConfig, ScheduleConfig
+    from cnnbench.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    for name, cls in (("Adam", torch.optim.Adam), ("ADAMW", torch.optim.AdamW), ("adadelta", torch.optim.Adadelta),
+                      ("nadam", torch.optim.NAdam), ("RAdam", torch.optim.RAdam), ("SGD", torch.optim.SGD)):
+        assert name in OPTIMIZERS
+        assert type(build_optimizer(OptimizerConfig(name=name, lr=0.1), model)) is cls
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name, cls, interval in (("CosineAnnealingLR", torch.optim.lr_scheduler.CosineAnnealingLR, "epoch"),
+                                ("Cosine", torch.optim.lr_scheduler.CosineAnnealingLR, "epoch"),
+                                ("steplr", torch.optim.lr_scheduler.StepLR, "epoch"),
+                                ("OneCycleLR", torch.optim.lr_scheduler.OneCycleLR, "batch"),
+                                ("ReduceLROnPlateau", torch.optim.lr_scheduler.ReduceLROnPlateau, "plateau")):
+        scheduler, when = build_scheduler(ScheduleConfig(name=name), optimizer, 3, 10)
+        assert type(scheduler) is cls and when == interval
+    assert "adamm" not in OPTIMIZERS and "CosineLR" not in SCHEDULES
+    assert "did you mean 'adam'" in OPTIMIZERS.unknown_message("adamm")
+    assert "LeNet5" not in all_registries()["model"]  # other kinds stay exact: their names are cnnbench's own
