@@ -149,3 +149,17 @@ def test_the_report_of_a_searched_suite_renders_without_importing_torch(workdir)
     text = (reports / "tiny.md").read_text()
     assert "## Tuning" in text and "Every run uses its variant's tuned values" in text
     assert "| sgd " in text and "2/0/0" in text  # both variants' searches: 2 complete trials each
+
+
+def test_a_one_variant_suite_is_described_without_comparison_language(tmp_path):
+    text = TINY_SUITE.replace("  adam: {optimizer: {name: adam, lr: 0.001}}\n", "")
+    suite = load_suite(write_suite(tmp_path / "one.yaml", text), registries=all_registries())
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    record(tracker, suite, {("sgd", s): ("finished", {"test_accuracy": a, "train_throughput": 1000.0, "params": 10.0})
+                            for s, a in ((0, 0.90), (1, 0.91))})
+    out = build_report(suite, tracker, tmp_path / "reports").read_text()
+    assert "`sgd` reaches 90.50% [" in out and "over 2 finished seeds" in out and "compares nothing" in out
+    assert "It trains at 1,000 img/s" in out
+    for words in ("Holm", "Δ", "paired", "verdict", "n = 0", "0 variants", "no significant change", "Better than",
+                  "No variant differs"):
+        assert words not in out, words

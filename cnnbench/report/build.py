@@ -98,24 +98,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         "",
         "## Results",
         "",
-        f"Each variant against the baseline, paired by seed. {pairing(suite)} The {suite.report.primary} column "
-        f"is the mean over finished seeds with a t-interval; Δ is the mean paired difference with a t-interval on "
-        f"the differences; p is the paired t-test, Holm-corrected across the {n_of(len(suite.variants) - 1, 'variant')}; the "
-        f"verdict is at α = {suite.report.alpha:g}. Time to target is the Kaplan–Meier median of the training time "
-        "until validation accuracy first reaches the target: runs that never reach it count as censored at their "
-        "training time, not dropped. Diverged, failed and skipped runs are counted in the last column and left out "
-        "of the means.",
-        "",
-        to_markdown(table),
-        "",
-        determinism(frame),
-        "",
-        "<details><summary>Every metric: paired Δ, p, Holm p, Wilcoxon p (n ≥ 6), verdict</summary>",
-        "",
-        to_markdown(metrics_table(suite, runs, comps)),
-        "",
-        "</details>",
-        "",
+        *results_section(suite, runs, comps, table, frame),
     ]
     if suite.search is not None:
         present = runs[runs["status"] != "missing"]
@@ -169,6 +152,31 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     tmp.replace(path)
     write_index(reports_dir)
     return path
+
+
+def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
+    """The Results section: every variant against the baseline, or, with one variant, its runs alone."""
+    details = metrics_table(suite, runs, comps)
+    if len(suite.variants) == 1:
+        table = table.drop(columns=[c for c in table.columns if c.startswith("Δ") or c in ("p (Holm)", "verdict")])
+        details = details[["metric", "mean ± sd"]]
+        intro = (f"The runs of `{suite.baseline}`, the suite's only variant. The {suite.report.primary} column is the "
+                 "mean over finished seeds with a t-interval. Time to target is the Kaplan–Meier median of the training "
+                 "time until validation accuracy first reaches the target: runs that never reach it count as censored "
+                 "at their training time, not dropped. Diverged, failed and skipped runs are counted in the last column "
+                 "and left out of the means.")
+        summary = "Every metric: mean ± sd over seeds"
+    else:
+        intro = (f"Each variant against the baseline, paired by seed. {pairing(suite)} The {suite.report.primary} column "
+                 f"is the mean over finished seeds with a t-interval; Δ is the mean paired difference with a t-interval "
+                 f"on the differences; p is the paired t-test, Holm-corrected across the "
+                 f"{n_of(len(suite.variants) - 1, 'variant')}; the verdict is at α = {suite.report.alpha:g}. Time to "
+                 "target is the Kaplan–Meier median of the training time until validation accuracy first reaches the "
+                 "target: runs that never reach it count as censored at their training time, not dropped. Diverged, "
+                 "failed and skipped runs are counted in the last column and left out of the means.")
+        summary = "Every metric: paired Δ, p, Holm p, Wilcoxon p (n ≥ 6), verdict"
+    return [intro, "", to_markdown(table), "", determinism(frame), "", f"<details><summary>{summary}</summary>", "",
+            to_markdown(details), "", "</details>", ""]
 
 
 def write_index(reports_dir: str | Path) -> Path:

@@ -11,7 +11,16 @@ from cnnbench import techniques
 from cnnbench.config import TUNING_SEED_BASE, Suite
 from cnnbench.metrics import metric
 from cnnbench.report.selection import per_seed
-from cnnbench.report.tables import delta_ci, importance_table, n_of, p_text, ratio, to_markdown, tuning_table
+from cnnbench.report.tables import (
+    delta_ci,
+    importance_table,
+    mean_ci,
+    n_of,
+    p_text,
+    ratio,
+    to_markdown,
+    tuning_table,
+)
 from cnnbench.tracking import ROLE_RUN
 
 
@@ -20,6 +29,8 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict) -> str:
     primary, alpha = suite.report.primary, suite.report.alpha
     fmt = metric(primary)
     base = list(per_seed(runs, suite.baseline, primary).values())
+    if len(suite.variants) == 1:
+        return describe_runs(suite, runs)
     if not base:
         return f"The baseline `{suite.baseline}` has no finished runs yet, so no variant can be compared with it."
     results = comps[primary]
@@ -61,6 +72,24 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict) -> str:
     return text + (f"(Paired t-tests over n = {n} seeds, Holm-corrected across {n_of(len(results), 'variant')}, "
                    f"α = {alpha:g}; Δ is in {fmt.label} with its {1 - alpha:.0%} interval for that comparison alone — "
                    "verdicts use the Holm-adjusted p, so an interval can exclude 0 without a verdict.)")
+
+
+def describe_runs(suite: Suite, runs: pd.DataFrame) -> str:
+    """A one-variant suite compares nothing: what its runs reached, with the spread over seeds."""
+    variant, primary, alpha = suite.baseline, suite.report.primary, suite.report.alpha
+    fmt = metric(primary)
+    values = list(per_seed(runs, variant, primary).values())
+    if not values:
+        return f"`{variant}` has no finished runs yet."
+    text = (f"`{variant}` reaches {mean_ci(values, fmt, alpha)} {fmt.label} over {n_of(len(values), 'finished seed')} "
+            f"(mean, with its {1 - alpha:.0%} t-interval when there are two seeds or more). ")
+    speed = list(per_seed(runs, variant, "train_throughput").values())
+    if speed and primary != "train_throughput":
+        text += f"It trains at {sum(speed) / len(speed):,.0f} img/s. "
+    problems = runs[runs["status"].isin(["diverged", "failed", "skipped"])]
+    if not problems.empty:
+        text += ", ".join(f"{c} {s}" for s, c in problems["status"].value_counts().items()) + f" of {len(runs)} seeds. "
+    return text + "(One variant: the suite describes its runs and compares nothing.)"
 
 
 def determinism(frame: pd.DataFrame) -> str:
