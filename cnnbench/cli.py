@@ -184,9 +184,23 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
     if not no_report:
         from cnnbench.report import build_report
 
-        path = build_report(spec, tracker, reports_dir)
-        click.echo(f"report: {path}")
+        _publish(tracker, spec, build_report(spec, tracker, reports_dir), outcome.parent_run_id, tracking_uri)
     sys.exit(outcome.exit_code)
+
+
+def _publish(tracker, spec, path, parent: str | None, tracking_uri: str | None) -> None:
+    """Put the report beside the runs (the experiment's description, the suite run's artifacts) and say
+    where to read it: the file, and the MLflow UI on the experiment."""
+    from cnnbench.report import report_files, report_meta
+
+    exp_id = tracker.experiment_id(spec.name)
+    meta = report_meta(path) or {}
+    tracker.publish_report(exp_id, parent, f"**Question.** {spec.question}\n\n**Answer.** {meta.get('answer', '–')}\n\n"
+                                           f"Full report: `{path}`, and the artifacts `report/` of the suite run "
+                                           f"`{parent}`.", report_files(path))
+    ui = "cnnbench ui" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
+    click.echo(f"report: {path} (also in MLflow, suite run {parent}: report/)")
+    click.echo(f"browse: {ui}  → http://127.0.0.1:5000/#/experiments/{exp_id}")
 
 
 def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | None, no_search: bool = False) -> str:
@@ -226,8 +240,12 @@ def report(suite, overrides, tracking_uri, reports_dir):
     if tracker.experiment_id(spec.name, create=False) is None:
         _fail(f"no MLflow experiment '{spec.name}' at {tracker.uri}; run the suite first (cnnbench run {suite})")
     from cnnbench.report import build_report
+    from cnnbench.tracking import ROLE_SUITE
 
-    click.echo(f"report: {build_report(spec, tracker, reports_dir)}")
+    path = build_report(spec, tracker, reports_dir)
+    runs = tracker.search(tracker.experiment_id(spec.name), f"tags.`cnnbench.role` = '{ROLE_SUITE}'")
+    newest = max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+    _publish(tracker, spec, path, newest, tracking_uri)
 
 
 @main.command(name="list")

@@ -28,6 +28,9 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
 ROLE_SUITE, ROLE_RUN, ROLE_SEARCH, ROLE_TRIAL = "suite", "run", "search", "trial"
 DONE_STATUSES = ("finished", "diverged")  # results worth keeping; failed/skipped/killed are redone
+# MLflow 3's UI opens an experiment in the view its kind names; cnnbench's are model training, not GenAI
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+NOTE_TAG = "mlflow.note.content"  # an experiment's description in the UI (markdown)
 
 
 def worker_id() -> str:
@@ -192,17 +195,25 @@ class Tracker:
 
     # ── experiments and runs ────────────────────────────────────────────────
 
-    def experiment_id(self, name: str, create: bool = True) -> str | None:
-        """Get or create the experiment (safe when several processes create it at once)."""
+    def experiment_id(self, name: str, create: bool = True, description: str | None = None) -> str | None:
+        """Get or create the experiment (safe when several processes create it at once), marked as a
+        model-training experiment; ``description`` becomes its note when it has none yet."""
         from mlflow.exceptions import MlflowException
 
         exp = self._timed(self.client.get_experiment_by_name, name)
         if exp is not None:
+            if create:  # experiments created before cnnbench marked them, or by hand
+                missing = {k: v for k, v in EXPERIMENT_KIND.items() if exp.tags.get(k) != v}
+                if description and not exp.tags.get(NOTE_TAG):
+                    missing[NOTE_TAG] = description
+                for key, value in missing.items():
+                    self._timed(self.client.set_experiment_tag, exp.experiment_id, key, value)
             return exp.experiment_id
         if not create:
             return None
         try:
-            return self._timed(self.client.create_experiment, name)
+            return self._timed(self.client.create_experiment, name,
+                               tags=EXPERIMENT_KIND | ({NOTE_TAG: description} if description else {}))
         except MlflowException:
             exp = self._timed(self.client.get_experiment_by_name, name)
             if exp is None:
@@ -254,6 +265,13 @@ class Tracker:
                 else:
                     path.write_text(content)
             self._timed(self.client.log_artifacts, run_id, tmp)
+
+    def publish_report(self, experiment_id: str, run_id: str | None, description: str, files: list[Path]) -> None:
+        """The rendered report beside the runs: the experiment's description (question and answer) and
+        the report's files as artifacts ``report/…`` of the suite run ``run_id``."""
+        self._timed(self.client.set_experiment_tag, experiment_id, NOTE_TAG, description)
+        if run_id is not None:
+            self.log_artifacts(run_id, {f"report/{f.name}": f.read_bytes() for f in files})
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """``status``: FINISHED, FAILED or KILLED."""

@@ -78,6 +78,17 @@ def test_quickstart_end_to_end_then_resume(cli, workdir):
     assert "cnnbench run" in report and "seeds=2" in report  # the exact command
     assert "[quickstart](quickstart.md)" in (workdir / "reports" / "README.md").read_text()
 
+    # the MLflow UI opens on the answer: a model-training experiment described by its question and answer,
+    # the rendered report (markdown and the plots it shows) in the suite run's artifacts
+    experiment = client().get_experiment_by_name("quickstart")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = experiment.tags["mlflow.note.content"]
+    assert "Which of these tricks helps" in note and "**Answer.** The baseline `baseline` reaches" in note
+    published = {a.path for a in client().list_artifacts(parent.info.run_id, "report")}
+    assert {"report/quickstart.md", "report/quickstart_curves.png", "report/quickstart_bars.png"} <= published
+    assert f"report: reports/quickstart.md (also in MLflow, suite run {parent.info.run_id}: report/)" in result.output
+    assert f"browse: cnnbench ui  → http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}" in result.output
+
     # resume: nothing finished is redone
     again = cli("run", SUITES / "quickstart.yaml", "--set", "seeds=2", "--set", "base.train.epochs=2", "-q")
     assert again.exit_code == 0 and "8 reused" in again.output

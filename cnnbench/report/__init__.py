@@ -10,6 +10,6 @@ answer and section texts), ``plots`` and ``build`` (the report file and the inde
 labels and directions of metrics come from :mod:`cnnbench.metrics`. Nothing here imports torch.
 """
 
-from cnnbench.report.build import META_PREFIX, build_report, write_index
+from cnnbench.report.build import META_PREFIX, build_report, report_files, report_meta, write_index
 
-__all__ = ["META_PREFIX", "build_report", "write_index"]
+__all__ = ["META_PREFIX", "build_report", "report_files", "report_meta", "write_index"]

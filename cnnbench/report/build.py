@@ -179,6 +179,20 @@ def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.Dat
             to_markdown(details), "", "</details>", ""]
 
 
+def report_meta(path: Path) -> dict | None:
+    """The metadata a report carries in its first line (name, question, answer, …), or None."""
+    first = Path(path).read_text().split("\n", 1)[0]
+    if not first.startswith(META_PREFIX):
+        return None
+    return json.loads(re.sub(r"\s*-->\s*$", "", first.removeprefix(META_PREFIX)))
+
+
+def report_files(path: Path) -> list[Path]:
+    """The report and the images it shows."""
+    names = re.findall(r"!\[[^\]]*\]\(([^)\s]+\.png)\)", Path(path).read_text())
+    return [Path(path), *(Path(path).parent / n for n in dict.fromkeys(names) if (Path(path).parent / n).is_file())]
+
+
 def write_index(reports_dir: str | Path) -> Path:
     """``reports/README.md``: one line per report with its answer, read from each report's metadata
     comment, and the performance profiles of time-to-target across suites."""
@@ -187,10 +201,9 @@ def write_index(reports_dir: str | Path) -> Path:
     for md in sorted(reports_dir.glob("*.md")):
         if md.name == "README.md":
             continue
-        first = md.read_text().split("\n", 1)[0]
-        if not first.startswith(META_PREFIX):
+        meta = report_meta(md)
+        if meta is None:
             continue
-        meta = json.loads(re.sub(r"\s*-->\s*$", "", first.removeprefix(META_PREFIX)))
         metas.append(meta)
         rows.append(f"| [{meta['name']}]({md.name}) | {meta['question']} | {meta.get('answer', '–')} | {meta['generated']} |")
     lines = [
