@@ -9,6 +9,9 @@ import sys
 import click
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT, EXIT_TRACKING_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# MLflow 3.17's UI starts in its GenAI view whatever an experiment's kind says (a per-browser switch): a
+# link with this query opens the model-training view (checked in headless Chromium)
+UI_VIEW = "workflowType=machine_learning"
 
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -191,16 +194,19 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
 def _publish(tracker, spec, path, parent: str | None, tracking_uri: str | None) -> None:
     """Put the report beside the runs (the experiment's description, the suite run's artifacts) and say
     where to read it: the file, and the MLflow UI on the experiment."""
-    from cnnbench.report import report_files, report_meta
+    from cnnbench.report import META_PREFIX, report_files, report_meta
 
     exp_id = tracker.experiment_id(spec.name)
     meta = report_meta(path) or {}
+    files = {f.name: f.read_bytes() for f in report_files(path)}
+    text = files[path.name].decode()  # MLflow's viewer shows HTML comments as text: the metadata line is left out
+    files[path.name] = (text.split("\n", 1)[1] if text.startswith(META_PREFIX) else text).encode()
     tracker.publish_report(exp_id, parent, f"**Question.** {spec.question}\n\n**Answer.** {meta.get('answer', '–')}\n\n"
                                            f"Full report: `{path}`, and the artifacts `report/` of the suite run "
-                                           f"`{parent}`.", report_files(path))
+                                           f"`{parent}`.", files)
     ui = "cnnbench ui" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
     click.echo(f"report: {path} (also in MLflow, suite run {parent}: report/)")
-    click.echo(f"browse: {ui}  → http://127.0.0.1:5000/#/experiments/{exp_id}")
+    click.echo(f"browse: {ui}  → http://127.0.0.1:5000/#/experiments/{exp_id}/runs?{UI_VIEW}")
 
 
 def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | None, no_search: bool = False) -> str:
@@ -290,7 +296,7 @@ def ui(tracking_uri, host, port):
 
     uri = resolve_uri(tracking_uri)
     exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    click.echo(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    click.echo(f"MLflow UI for {uri} at http://{host}:{port}/#/experiments?{UI_VIEW}  (Ctrl-C to stop)")
     os.execv(exe, [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 
 

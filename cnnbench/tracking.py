@@ -266,12 +266,12 @@ class Tracker:
                     path.write_text(content)
             self._timed(self.client.log_artifacts, run_id, tmp)
 
-    def publish_report(self, experiment_id: str, run_id: str | None, description: str, files: list[Path]) -> None:
+    def publish_report(self, experiment_id: str, run_id: str | None, description: str, files: dict[str, bytes]) -> None:
         """The rendered report beside the runs: the experiment's description (question and answer) and
-        the report's files as artifacts ``report/…`` of the suite run ``run_id``."""
+        the report's ``files`` (name → content) as artifacts ``report/…`` of the suite run ``run_id``."""
         self._timed(self.client.set_experiment_tag, experiment_id, NOTE_TAG, description)
         if run_id is not None:
-            self.log_artifacts(run_id, {f"report/{f.name}": f.read_bytes() for f in files})
+            self.log_artifacts(run_id, {f"report/{name}": content for name, content in files.items()})
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """``status``: FINISHED, FAILED or KILLED."""

@@ -87,7 +87,10 @@ def test_quickstart_end_to_end_then_resume(cli, workdir):
     published = {a.path for a in client().list_artifacts(parent.info.run_id, "report")}
     assert {"report/quickstart.md", "report/quickstart_curves.png", "report/quickstart_bars.png"} <= published
     assert f"report: reports/quickstart.md (also in MLflow, suite run {parent.info.run_id}: report/)" in result.output
-    assert f"browse: cnnbench ui  → http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}" in result.output
+    assert (f"browse: cnnbench ui  → http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+            "?workflowType=machine_learning") in result.output
+    published_md = Path(client().download_artifacts(parent.info.run_id, "report/quickstart.md", str(workdir / "dl")))
+    assert published_md.read_text().startswith("# quickstart")  # without the metadata comment
 
     # resume: nothing finished is redone
     again = cli("run", SUITES / "quickstart.yaml", "--set", "seeds=2", "--set", "base.train.epochs=2", "-q")
