@@ -195,17 +195,18 @@ def _publish(tracker, spec, path, parent: str | None, tracking_uri: str | None) 
     """Put the report beside the runs (the experiment's description, the suite run's artifacts) and say
     where to read it: the file, and the MLflow UI on the experiment."""
     from cnnbench.report import META_PREFIX, report_files, report_meta
+    from cnnbench.tracking import experiment_note
 
     exp_id = tracker.experiment_id(spec.name)
     meta = report_meta(path) or {}
     files = {f.name: f.read_bytes() for f in report_files(path)}
     text = files[path.name].decode()  # MLflow's viewer shows HTML comments as text: the metadata line is left out
     files[path.name] = (text.split("\n", 1)[1] if text.startswith(META_PREFIX) else text).encode()
-    tracker.publish_report(exp_id, parent, f"**Question.** {spec.question}\n\n**Answer.** {meta.get('answer', '–')}\n\n"
-                                           f"Full report: `{path}`, and the artifacts `report/` of the suite run "
-                                           f"`{parent}`.", files)
+    in_mlflow = f"suite run {parent}: report/" if parent is not None else "no suite run to attach it to"
+    tracker.publish_report(exp_id, parent, experiment_note(spec.question, meta.get("answer", "–"),
+                                                           f"Full report: `{path}` (MLflow: {in_mlflow})."), files)
     ui = "cnnbench ui" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
-    click.echo(f"report: {path} (also in MLflow, suite run {parent}: report/)")
+    click.echo(f"report: {path} (also in MLflow, {in_mlflow})")
     click.echo(f"browse: {ui}  → http://127.0.0.1:5000/#/experiments/{exp_id}/runs?{UI_VIEW}")
 
 

@@ -101,7 +101,7 @@ def run_suite(
 
         storage_url = storage or default_storage(tracker.uri)
         optuna_storage = open_storage(storage_url)
-    exp_id = tracker.experiment_id(suite.name, description=f"**Question.** {suite.question}")
+    exp_id = tracker.experiment_id(suite.name, question=suite.question)
     env = capsule(command=command)
     parent = _create_parent(tracker, exp_id, suite, env, searching, storage_url)
     outcome = SuiteOutcome(parent)
@@ -184,7 +184,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     storage = optuna_storage.open_shared_storage(settings)  # before anything is written: a bad URL fails fast
     optuna_storage.stale_callback(storage).tracker = tracker
     searching = suite.search is not None and search
-    exp_id = tracker.experiment_id(suite.name, description=f"**Question.** {suite.question}")
+    exp_id = tracker.experiment_id(suite.name, question=suite.question)
     env = capsule(command=command)
     queue = wq.RunQueue(storage, suite, settings)
     if queue.join():  # the leader: the round's parent run and search runs, once

@@ -33,6 +33,12 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 NOTE_TAG = "mlflow.note.content"  # an experiment's description in the UI (markdown)
 
 
+def experiment_note(question: str, answer: str | None = None, where: str = "") -> str:
+    """An experiment's description: the suite's question, then its latest answer and where the report is."""
+    return f"**Question.** {question}" + (f"\n\n**Answer.** {answer}" if answer is not None else "") + \
+        (f"\n\n{where}" if where else "")
+
+
 def worker_id() -> str:
     """host:pid of this process: the tag cnnbench.worker on every run it starts."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -195,17 +201,17 @@ class Tracker:
 
     # ── experiments and runs ────────────────────────────────────────────────
 
-    def experiment_id(self, name: str, create: bool = True, description: str | None = None) -> str | None:
+    def experiment_id(self, name: str, create: bool = True, question: str | None = None) -> str | None:
         """Get or create the experiment (safe when several processes create it at once), marked as a
-        model-training experiment; ``description`` becomes its note when it has none yet."""
+        model-training experiment; the suite's ``question`` becomes its note when it has none yet."""
         from mlflow.exceptions import MlflowException
 
         exp = self._timed(self.client.get_experiment_by_name, name)
         if exp is not None:
             if create:  # experiments created before cnnbench marked them, or by hand
                 missing = {k: v for k, v in EXPERIMENT_KIND.items() if exp.tags.get(k) != v}
-                if description and not exp.tags.get(NOTE_TAG):
-                    missing[NOTE_TAG] = description
+                if question and not exp.tags.get(NOTE_TAG):
+                    missing[NOTE_TAG] = experiment_note(question)
                 for key, value in missing.items():
                     self._timed(self.client.set_experiment_tag, exp.experiment_id, key, value)
             return exp.experiment_id
@@ -213,7 +219,7 @@ class Tracker:
             return None
         try:
             return self._timed(self.client.create_experiment, name,
-                               tags=EXPERIMENT_KIND | ({NOTE_TAG: description} if description else {}))
+                               tags=EXPERIMENT_KIND | ({NOTE_TAG: experiment_note(question)} if question else {}))
         except MlflowException:
             exp = self._timed(self.client.get_experiment_by_name, name)
             if exp is None:
@@ -267,7 +273,7 @@ class Tracker:
             self._timed(self.client.log_artifacts, run_id, tmp)
 
     def publish_report(self, experiment_id: str, run_id: str | None, description: str, files: dict[str, bytes]) -> None:
-        """The rendered report beside the runs: the experiment's description (question and answer) and
+        """The rendered report beside the runs: the experiment's description (:func:`experiment_note`) and
         the report's ``files`` (name → content) as artifacts ``report/…`` of the suite run ``run_id``."""
         self._timed(self.client.set_experiment_tag, experiment_id, NOTE_TAG, description)
         if run_id is not None:

@@ -11,10 +11,12 @@ than fp32; accuracy may move by a little. A device that cannot autocast to the d
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from cnnbench.techniques.base import Technique, register
 
 
+@functools.cache  # called per batch by autocast
 def dtype(precision: str):
     """The torch dtype of ``fp32`` / ``bf16`` / ``fp16``."""
     import torch
@@ -50,10 +52,10 @@ def check_supported(precision: str, device) -> None:
 
 def autocast(precision: str, device):
     """The autocast context for the forward pass and loss (a no-op for fp32)."""
-    import torch
-
     if precision == "fp32":
         return contextlib.nullcontext()
+    import torch
+
     return torch.autocast(device_type=device.type, dtype=dtype(precision))
 
 
