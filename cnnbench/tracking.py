@@ -88,10 +88,16 @@ def _caused_by(exc: BaseException | None, types: tuple) -> bool:
 
 def _connection_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) means the store cannot be reached, rather than a refused request."""
+    import http.client
+
     import requests
+    import urllib3
     from sqlalchemy.exc import OperationalError
 
-    return _caused_by(exc, (requests.ConnectionError, requests.Timeout, OperationalError, ConnectionError))
+    # a server stopped mid-response: ChunkedEncodingError / ProtocolError / IncompleteRead, not ConnectionError
+    return _caused_by(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                            urllib3.exceptions.ProtocolError, http.client.HTTPException, OperationalError,
+                            ConnectionError))
 
 
 def open_racing_schema(open_store, attempts: int = 6):
