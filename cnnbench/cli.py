@@ -227,12 +227,40 @@ def _reproduce_command(suite: str, overrides: tuple[str, ...], device: str | Non
 @main.command()
 @click.argument("suite", type=click.Path())
 @set_option
-def validate(suite, overrides):
-    """Check SUITE without running it and print the plan (runs, epochs, rough time)."""
+@uri_option
+@click.option("--pilot", type=click.IntRange(2, 50), default=None,
+              help="first run this many seeds of every variant (reused later by the full suite) to plan from their spread")
+@data_dir_option
+def validate(suite, overrides, tracking_uri, pilot, data_dir):
+    """Check SUITE and print the plan (runs, epochs, rough time) and the seeds its margin needs: from the spread
+    of paired differences already recorded in the tracking store, or from a pilot run (--pilot N)."""
     spec = _load(suite, overrides)
     from cnnbench.plan_summary import describe_plan
+    from cnnbench.tracking import exclusive_sqlite, resolve_uri, sqlite_path
 
     click.echo(describe_plan(spec))
+    uri = resolve_uri(tracking_uri)
+    if pilot is not None:
+        pilot_spec = _load(suite, (*overrides, f"seeds={pilot}"))
+        from cnnbench.runner import preload_data, run_suite
+
+        click.echo(f"pilot: {pilot} seeds of every variant, recorded in {uri}")
+        from cnnbench.data import DataNotFoundError
+
+        try:
+            preload_data(pilot_spec, data_dir)
+        except DataNotFoundError as e:
+            _fail(str(e))
+        with exclusive_sqlite(uri):
+            run_suite(pilot_spec, _tracker(uri), data_dir=data_dir, search=False,
+                      command=f"cnnbench validate {suite} --pilot {pilot}")
+    path = sqlite_path(uri)
+    if path is not None and not path.exists():
+        click.echo(f"No tracking store at {uri} yet: run a pilot (--pilot 3) to plan the seeds from measured spread.")
+        return
+    from cnnbench.report.planning import seed_plan
+
+    click.echo("\n".join(seed_plan(spec, _tracker(uri).runs_frame(spec.name))))
 
 
 @main.command()

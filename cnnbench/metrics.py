@@ -73,6 +73,19 @@ class Metric:
                 "int": f"{v:+,.0f}", "ms": f"{v:+.2f} ms", "kib": f"{v / 1024:+,.1f} KiB"}.get(self.fmt, f"{v:+.4f}")
 
     @property
+    def is_speed(self) -> bool:
+        """A time or a rate measured on the machine: its comparisons must clear the timing protocol's A/A floor."""
+        return self.kind == "timing" and (self.fmt in ("seconds", "rate", "ms") or self.name in ("train_gflops", "mfu"))
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """The values the metric can take: a share (``pct``) lies in [0, 1], every other catalogued quantity
+        is ≥ 0 except settings and search objectives, which may be anything."""
+        if self.fmt == "pct":
+            return (0.0, 1.0)
+        return None if self.better == "neutral" and self.fmt == "float" else (0.0, math.inf)
+
+    @property
     def higher_is_better(self) -> bool | None:
         """True for ``higher``, False for ``lower`` and ``cost``, None for ``neutral``."""
         return {"higher": True, "lower": False, "cost": False}.get(self.better)
@@ -104,6 +117,8 @@ _ROWS = (
     Metric("stopped_early_epoch", "stopped early at epoch", "int", "neutral", "stochastic"),
     Metric("diverged_epoch", "diverged at epoch", "int", "neutral", "stochastic"),
     Metric("resumed_from_epoch", "resumed from epoch", "int", "neutral", "timing"),
+    Metric("load_avg_1m", "load average (1 min)", "float", "neutral", "timing"),
+    Metric("cpu_steal_fraction", "CPU steal", "pct", "lower", "timing"),
     # ── the model: inference and compression ──
     Metric("params", "params", "int", "cost", "deterministic"),
     Metric("nonzero_params", "non-zero params", "int", "cost", "deterministic"),

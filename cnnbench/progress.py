@@ -86,5 +86,9 @@ class RichEvents(Events):
             counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts.items()))
             self.console.print(f"search {result.variant}: {best} ({counts}; {result.ran} run now)")
 
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"  {message}")
+
     def warning(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/] {message}")  # also when quiet

@@ -41,6 +41,7 @@ class Events:
     def trial_start(self, spec: RunSpec, done: int, total: int) -> None: ...
     def trial_end(self, spec: RunSpec, state: str, value: float | None, message: str) -> None: ...
     def search_end(self, result) -> None: ...
+    def info(self, message: str) -> None: ...
     def warning(self, message: str) -> None: ...
 
 
@@ -49,6 +50,7 @@ class SuiteOutcome:
     parent_run_id: str
     counts: Counter = field(default_factory=Counter)  # status → number of runs (this invocation)
     reused: int = 0
+    seeds_run: int = 0  # adaptive seeds: where the rounds stopped
     wall_s: float = 0.0
     mlflow_s: float = 0.0
 
@@ -111,19 +113,35 @@ def run_suite(
         specs = plan(suite, tuned)
         done = {} if rerun else tracker.done_runs(exp_id, suite.name)
         todo = [s for s in specs if s.fingerprint not in done or s.skip_reason]
+        from cnnbench.sidebyside import SideBySide
         from cnnbench.upstream import Upstream
 
         upstream = Upstream(suite, tracker, exp_id)  # sources/teachers first, their weights kept
         todo = upstream.order(specs, todo, done)
         outcome.reused = len(specs) - len(todo)
         events.suite_start(suite, specs, outcome.reused)
-        for i, spec in enumerate(todo):
-            raise_if_interrupted()
-            events.run_start(spec, i, len(todo))
-            status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events, upstream,
-                                                checkpoint_dir(tracker.uri) / suite.name)
-            outcome.counts[status] += 1
-            events.run_end(spec, status, metrics, message)
+        side = SideBySide(suite)
+        seeds, counts = suite.seed_list(), suite.looks().counts
+        index = 0
+        for k, count in enumerate(counts):  # one round for a fixed seed list; adaptive: until decided
+            this_round = [s for s in todo if seeds.index(s.seed) < count and (k == 0 or seeds.index(s.seed) >= counts[k - 1])]
+            for spec in this_round:
+                raise_if_interrupted()
+                events.run_start(spec, index, len(todo))
+                index += 1
+                status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events,
+                                                    upstream, checkpoint_dir(tracker.uri) / suite.name, side=side)
+                outcome.counts[status] += 1
+                events.run_end(spec, status, metrics, message)
+            if side.ready():
+                events.info(side.record(tracker, exp_id, parent))
+            if suite.adaptive:
+                stop, message = _round_verdict(suite, tracker, k, count)
+                events.info(message)
+                if stop:
+                    outcome.seeds_run = count
+                    break
+            outcome.seeds_run = count
     except (KeyboardInterrupt, Interrupted) as exc:
         code = exc.exit_code if isinstance(exc, Interrupted) else 130
         tracker.log(parent, tags={"cnnbench.status": "killed"})
@@ -134,6 +152,23 @@ def run_suite(
     outcome.mlflow_s = tracker.seconds - mlflow_before
     _close_parent(tracker, parent, outcome.counts, outcome.reused, outcome.wall_s, outcome.mlflow_s)
     return outcome
+
+
+def _round_verdict(suite: Suite, tracker: Tracker, k: int, count: int) -> tuple[bool, str]:
+    """After round ``k`` of an adaptive suite: whether every comparison it waits for is decided, read from
+    the tracking store as the report reads it, at the α this look spends."""
+    from cnnbench.report.selection import comparisons, decided, select_runs
+
+    runs = select_runs(suite, tracker.runs_frame(suite.name))
+    comps = comparisons(suite, runs)
+    left = [v for v, r in comps[suite.report.primary].items() if not r.decided]
+    last = k == len(suite.looks().counts) - 1
+    if decided(suite, comps):
+        return True, f"round {k + 1}: every comparison decided after {count} seeds — stopping"
+    if last:
+        return True, f"round {k + 1}: {count} seeds (max) reached; still inconclusive: {', '.join(left)}"
+    nxt = suite.looks().counts[k + 1]
+    return False, f"round {k + 1}: {len(left)} comparison(s) undecided after {count} seeds ({', '.join(left)}) — going on to {nxt}"
 
 
 def _create_parent(tracker: Tracker, exp_id: str, suite: Suite, env: dict, searching: bool,
@@ -366,9 +401,11 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
              events: Events, upstream=None, checkpoints: Path | None = None,
-             started=None) -> tuple[str, dict, str]:
+             started=None, side=None) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message).
-    ``started(run_id)`` is called once its MLflow run exists (a shared queue notes it on the trial).
+    ``started(run_id)`` is called once its MLflow run exists (a shared queue notes it on the trial);
+    ``side`` (:class:`cnnbench.sidebyside.SideBySide`) keeps the trained model for the timing protocol.
+    The machine's load average and CPU steal over the run are recorded with it.
 
     Training state is checkpointed per epoch in ``checkpoints/<fingerprint>.pt``: kept when the run
     is interrupted (the next ``run`` continues from it), removed once the run has an outcome."""
@@ -376,6 +413,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     from cnnbench import devices, techniques
     from cnnbench.deployment import measure_deployed
     from cnnbench.posttraining import run_post_training
+    from cnnbench.timing import LoadMonitor
     from cnnbench.train import check_supported, train
     from cnnbench.upstream import Missing
 
@@ -421,6 +459,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         events.epoch(spec, record)
         raise_if_interrupted()
 
+    monitor = LoadMonitor().start()  # the machine's load over the run, recorded with it
     try:
         split = datamod.split(datamod.load(exp.data, data_dir), exp.data.val_fraction, exp.data.limit_train)
         weights, models = upstream.weights(spec) if upstream is not None else ({}, {})  # sources, teachers
@@ -458,7 +497,11 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FAILED")
         return "failed", {}, message
 
+    load = monitor.stop()
+    result.metrics |= load.metrics()
     tags = {"cnnbench.status": result.status} | result.tags
+    if load.loaded:
+        tags["cnnbench.loaded"] = "true"
     if result.message:
         tags["cnnbench.reason"] = result.message
     buffered.flush(metrics=result.metrics, tags=tags, step=len(result.history))
@@ -469,4 +512,6 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     tracker.end_run(run_id, "FINISHED")
     if checkpoints is not None:  # only once the result is recorded: a lost tracking server leaves it for the redo
         (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
+    if side is not None:
+        side.keep(spec, run_id, result, device, tuple(split.data.shape))
     return result.status, result.metrics, result.message

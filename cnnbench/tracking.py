@@ -27,6 +27,7 @@ import pandas as pd
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
 ROLE_SUITE, ROLE_RUN, ROLE_SEARCH, ROLE_TRIAL = "suite", "run", "search", "trial"
+ROLE_TIMING, TIMING_ARTIFACT = "timing", "timing.json"  # the timing protocol's run (cnnbench.sidebyside)
 DONE_STATUSES = ("finished", "diverged")  # results worth keeping; failed/skipped/killed are redone
 # MLflow 3's UI opens an experiment in the view its kind names; cnnbench's are model training, not GenAI
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}

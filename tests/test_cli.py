@@ -72,7 +72,7 @@ def test_quickstart_end_to_end_then_resume(cli, workdir):
     assert "Which of these tricks helps a small CNN on handwritten digits?" in report
     for variant in ("baseline", "batchnorm", "augment", "adam"):
         assert f"| {variant}" in report or f"**{variant}**" in report
-    assert "2/0/0/0" in report and "Δ vs baseline [95% CI]" in report
+    assert "2/0/0/0" in report and "Δ vs baseline [simultaneous 95% CI]" in report
     assert (workdir / "reports" / "quickstart_curves.png").stat().st_size > 10_000
     assert (workdir / "reports" / "quickstart_bars.png").stat().st_size > 5_000
     assert "cnnbench run" in report and "seeds=2" in report  # the exact command

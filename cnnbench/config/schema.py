@@ -113,6 +113,58 @@ def _catalogued(name: str):
         raise ValueError(str(e)) from None
 
 
+MARGIN_TEXT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(pp|%)\s*$")
+
+
+def parse_margin(name: str, value: float | str) -> tuple[float, bool]:
+    """``(margin, relative)`` for metric ``name``: ``'0.2 pp'`` (percentage points, for a share such as
+    accuracy) → 0.002 absolute; ``'5%'`` → 0.05 of the baseline's mean; a number → absolute, in the unit the
+    metric is recorded in (seconds, img/s, …). A bare number for a share is refused: 0.2 would be 20 pp."""
+    fmt = _catalogued(name).fmt
+    if isinstance(value, str):
+        m = MARGIN_TEXT.match(value)
+        if m is None:
+            raise ValueError(f"margin '{value}' for {name}: write a number, 'N pp' (percentage points) or 'N%' "
+                             "(relative to the baseline's mean)")
+        number, unit = float(m.group(1)), m.group(2)
+        if unit == "pp" and fmt != "pct":
+            raise ValueError(f"margin '{value}' for {name}: percentage points are for shares such as accuracy; "
+                             f"{name} is not one (write a number in its unit or 'N%')")
+        return number / 100, unit == "%"
+    if fmt == "pct":
+        raise ValueError(f"margin {value} for {name}: {name} is a share, so say which unit: '{value} pp' "
+                         f"(percentage points) or '{value}%' (relative to the baseline's mean)")
+    if value < 0:
+        raise ValueError(f"margin {value} for {name} must be ≥ 0")
+    return float(value), False
+
+
+class TimingConfig(Strict):
+    """The timing protocol: after training, the deployed models of the first seed — baseline and variants —
+    are timed in interleaved rounds in one process, with the baseline entered twice (A/A) for the noise floor."""
+
+    enabled: bool = Field(True, description="time the models side by side after training (needs inference.enabled)")
+    rounds: int = Field(15, ge=2, description="interleaved rounds (A, B, C, A', …); one median per model per round")
+    calls_per_round: PositiveInt = Field(5, description="timed forward passes per model per round")
+    warmup: NonNegativeInt = Field(5, description="untimed passes per model and batch size before the rounds")
+    forms: list[Literal["eager", "compiled"]] = Field(
+        ["eager"], min_length=1, description="deployed forms to time; 'compiled': torch.compile (inductor) each model")
+    margin: str | float = Field("5%", description="timing differences smaller than this (relative) are equivalent; "
+                                                  "the A/A floor widens it when the machine is noisier")
+
+    @field_validator("margin")
+    @classmethod
+    def _relative(cls, v: str | float) -> str:
+        m = MARGIN_TEXT.match(v) if isinstance(v, str) else None
+        if m is None or m.group(2) != "%":
+            raise ValueError(f"timing margin '{v}' must be relative, e.g. '5%'")
+        return v
+
+    @property
+    def relative_margin(self) -> float:
+        return float(MARGIN_TEXT.match(self.margin).group(1)) / 100
+
+
 class ReportConfig(Strict):
     primary: str = "test_accuracy"
     metrics: list[str] = Field(
@@ -128,7 +180,28 @@ class ReportConfig(Strict):
         ]
     )
     higher_is_better: bool | None = Field(None, description="for the primary metric; default: the metric catalogue's")
-    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level of the verdicts (Holm-corrected)")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="error rate of the verdicts, shared by the variants "
+                                                          "(Bonferroni) and by the looks of adaptive seeds")
+    margin: float | str | dict[str, float | str] | None = Field(
+        None, description="the smallest difference that matters, for the primary metric ('0.2 pp', '5%', or a "
+                          "number in the metric's unit), or per metric ({test_accuracy: 0.2 pp, train_time_s: 5%}): "
+                          "a comparison whose interval lies inside ±margin is 'equivalent'")
+    timing: TimingConfig = Field(default_factory=TimingConfig)
+
+    @field_validator("margin")
+    @classmethod
+    def _margins(cls, v, info: ValidationInfo):
+        if v is None:
+            return v
+        for name, value in (v if isinstance(v, dict) else {info.data.get("primary", "test_accuracy"): v}).items():
+            parse_margin(name, value)
+        return v
+
+    def margin_for(self, name: str) -> tuple[float | None, bool]:
+        """``(margin, relative)`` for metric ``name``; ``(None, False)`` when the suite sets none for it."""
+        given = self.margin if isinstance(self.margin, dict) else {self.primary: self.margin}
+        value = given.get(name)
+        return (None, False) if value is None else parse_margin(name, value)
 
     @field_validator("metrics")
     @classmethod
@@ -223,6 +296,26 @@ class SearchConfig(Strict):
         return self
 
 
+class AdaptiveSeeds(Strict):
+    """Seeds in rounds until every comparison of the primary metric (and of any metric with a margin) is
+    decided, or ``max`` seeds have run. The verdicts stay valid under this stopping (see ``stats.Looks``)."""
+
+    min: int = Field(ge=2, description="seeds of the first round")
+    max: int = Field(ge=2, description="seeds at most")
+    per_round: PositiveInt | None = Field(None, description="seeds added per round (default: min)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveSeeds:
+        if self.max < self.min:
+            raise ValueError(f"seeds: max ({self.max}) must be ≥ min ({self.min})")
+        return self
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        step = self.per_round or self.min
+        return tuple(dict.fromkeys([*range(self.min, self.max, step), self.max]))
+
+
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     question: str
@@ -230,7 +323,7 @@ class Suite(Strict):
     base: Experiment
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     baseline: str
-    seeds: PositiveInt | list[NonNegativeInt] = 3
+    seeds: PositiveInt | list[NonNegativeInt] | AdaptiveSeeds = 3
     report: ReportConfig = Field(default_factory=ReportConfig)
     search: SearchConfig | None = Field(None, description="tune every variant with Optuna before the seeded runs")
 
@@ -268,4 +361,19 @@ class Suite(Strict):
         return v
 
     def seed_list(self) -> list[int]:
+        """Every seed the suite may run (adaptive: up to ``max``, in this order)."""
+        if isinstance(self.seeds, AdaptiveSeeds):
+            return list(range(self.seeds.max))
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.seeds, AdaptiveSeeds)
+
+    def looks(self):
+        """The seed counts at which verdicts are read, and α spent at each (``stats.Looks``)."""
+        from cnnbench.stats import Looks
+
+        if isinstance(self.seeds, AdaptiveSeeds):
+            return Looks(self.seeds.counts, self.report.alpha)
+        return Looks.fixed(len(self.seed_list()), self.report.alpha)

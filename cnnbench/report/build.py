@@ -24,11 +24,13 @@ from cnnbench.report.prose import answer, compression_lines, determinism, pairin
 from cnnbench.report.selection import (
     comparisons,
     primary_higher_is_better,
+    seeds_run,
     select_runs,
     ttt_by_seed,
     tuning_frame,
 )
-from cnnbench.report.tables import metrics_table, n_of, to_markdown, verdict_table
+from cnnbench.report.tables import metrics_table, to_markdown, verdict_table
+from cnnbench.report.timing import timing_record
 from cnnbench.tracking import ROLE_SUITE, Tracker
 
 META_PREFIX = "<!-- cnnbench-report "
@@ -45,7 +47,8 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     curves, bars = reports_dir / f"{suite.name}_curves.png", reports_dir / f"{suite.name}_bars.png"
     has_curves = plot_curves(suite, runs, history, curves)
     has_bars = plot_bars(suite, runs, bars)
-    comps = comparisons(suite, runs)
+    timing = timing_record(suite, frame, runs, tracker)
+    comps = comparisons(suite, runs, floor=timing.floor if timing is not None else None)
     table = verdict_table(suite, runs, comps)
     forest, pareto = reports_dir / f"{suite.name}_forest.png", reports_dir / f"{suite.name}_pareto.png"
     has_forest = plot_forest(suite, comps, forest)
@@ -68,7 +71,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     last_run = (datetime.fromtimestamp(last["start_time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 if last is not None else "–")
-    summary = answer(suite, runs, comps)
+    summary = answer(suite, runs, comps, timing)
     meta = {"name": suite.name, "question": suite.question, "generated": generated, "primary": suite.report.primary,
             "answer": summary, "time_to_target": ttt_by_seed(suite, runs)}
 
@@ -88,7 +91,10 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         "|---|---|",
         f"| dataset | {datasets} (batch {exp0.data.batch_size}, validation {exp0.data.val_fraction:.0%} of train"
         + (f", first {exp0.data.limit_train} training images" if exp0.data.limit_train else "") + ") |",
-        f"| budget | {len(suite.variants)} variants × {len(suite.seed_list())} seeds × {'/'.join(map(str, epochs))} epochs"
+        f"| budget | {len(suite.variants)} variants × "
+        + (f"{seeds_run(runs)} seeds (adaptive: {suite.seeds.min}–{suite.seeds.max})" if suite.adaptive
+           else f"{len(suite.seed_list())} seeds")
+        + f" × {'/'.join(map(str, epochs))} epochs"
         f" = {len(runs)} runs, {total_train:.1f} s of training in all |",
         f"| baseline | `{suite.baseline}`: {exp0.model.name}, {exp0.optimizer.name} lr {exp0.optimizer.lr:g}, "
         f"{exp0.schedule.name} schedule |",
@@ -114,6 +120,8 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
             lines.append(f"- `{r['variant']}/seed{r['seed']}`: {r['status']}{' — ' + reason if reason else ''}")
         lines.append("")
     lines += compression_lines(suite, runs, tradeoffs)
+    if timing is not None:
+        lines += timing.lines()
     if has_curves or has_bars or has_forest or has_pareto:
         lines += ["## Plots", ""]
         if has_forest:
@@ -158,7 +166,8 @@ def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.Dat
     """The Results section: every variant against the baseline, or, with one variant, its runs alone."""
     details = metrics_table(suite, runs, comps)
     if len(suite.variants) == 1:
-        table = table.drop(columns=[c for c in table.columns if c.startswith("Δ") or c in ("p (Holm)", "verdict")])
+        table = table.drop(columns=[c for c in table.columns
+                                    if c.startswith("Δ") or c in ("p (adj.)", "verdict", "detectable (80% power)")])
         details = details[["metric", "mean ± sd"]]
         intro = (f"The runs of `{suite.baseline}`, the suite's only variant. The {suite.report.primary} column is the "
                  "mean over finished seeds with a t-interval. Time to target is the Kaplan–Meier median of the training "
@@ -167,14 +176,23 @@ def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.Dat
                  "and left out of the means.")
         summary = "Every metric: mean ± sd over seeds"
     else:
+        margin, _ = suite.report.margin_for(suite.report.primary)
+        k = len(suite.variants) - 1
         intro = (f"Each variant against the baseline, paired by seed. {pairing(suite)} The {suite.report.primary} column "
-                 f"is the mean over finished seeds with a t-interval; Δ is the mean paired difference with a t-interval "
-                 f"on the differences; p is the paired t-test, Holm-corrected across the "
-                 f"{n_of(len(suite.variants) - 1, 'variant')}; the verdict is at α = {suite.report.alpha:g}. Time to "
-                 "target is the Kaplan–Meier median of the training time until validation accuracy first reaches the "
-                 "target: runs that never reach it count as censored at their training time, not dropped. Diverged, "
-                 "failed and skipped runs are counted in the last column and left out of the means.")
-        summary = "Every metric: paired Δ, p, Holm p, Wilcoxon p (n ≥ 6), verdict"
+                 "is the mean over finished seeds with a t-interval. Δ is the mean paired difference with a paired "
+                 + (f"t-interval that holds for all {k} comparisons at once (Bonferroni)" if k > 1 else "t-interval")
+                 + (", at the α spent by the look reached (adaptive seeds)" if suite.adaptive else "")
+                 + "; p (adj.) is below α exactly when that interval "
+                 "excludes 0. The verdict is better/worse when the interval excludes 0, "
+                 + ("equivalent when it lies inside ±margin, " if margin is not None else "")
+                 + "inconclusive otherwise"
+                 + (" (no margin is set for this metric, so nothing can be called equivalent)" if margin is None else "")
+                 + "; 'detectable' is the smallest true difference the comparison finds with 80% power. "
+                 "Time to target is the Kaplan–Meier median of the training time until validation accuracy first "
+                 "reaches the target: runs that never reach it count as censored at their training time, not dropped. "
+                 "Diverged, failed and skipped runs are counted in the last column and left out of the means.")
+        summary = ("Every metric: paired Δ, p, adjusted p, Wilcoxon p (n ≥ 6), verdict, detectable effect; deterministic "
+                   "metrics (parameters, FLOPs, size) are stated, not tested")
     return [intro, "", to_markdown(table), "", determinism(frame), "", f"<details><summary>{summary}</summary>", "",
             to_markdown(details), "", "</details>", ""]
 

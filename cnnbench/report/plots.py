@@ -14,7 +14,6 @@ from cnnbench import stats
 from cnnbench.config import Suite
 from cnnbench.metrics import metric
 from cnnbench.report.selection import common, per_seed, primary_higher_is_better
-from cnnbench.report.tables import p_text
 
 TRADEOFFS = (("latency", "latency_bs64_p50_ms", "inference latency at batch 64, p50 (ms)"),
              ("size", "model_size_bytes", "model size (KiB, serialized deployed tensors)"))
@@ -146,24 +145,28 @@ def plot_tuning(suite: Suite, trials: pd.DataFrame, path: Path) -> bool:
 def plot_forest(suite: Suite, comps: dict, path: Path) -> bool:
     """Δ of the primary metric vs the baseline with its CI, one line per variant."""
     primary = suite.report.primary
-    results = {v: r for v, r in comps[primary].items() if r.n >= 2 and not math.isnan(r.low)}
+    results = {v: r for v, r in comps[primary].items()
+               if r.n >= 2 and r.method != "fact" and math.isfinite(r.low) and math.isfinite(r.high)}
     if not results:
         return False
     scale = _scale(primary)
     names = list(results)[::-1]
-    colors = {"better": "C2", "worse": "C3"}
+    colors = {"better": "C2", "worse": "C3", "equivalent": "C0"}
     with figure(path, (6.5, 0.45 * len(names) + 1.4)) as (_, ax):
+        margin = next((r.margin for r in results.values() if r.margin), None)
+        if margin:
+            ax.axvspan(-margin * scale, margin * scale, color="C0", alpha=0.1, lw=0)
         for i, v in enumerate(names):
             r = results[v]
             ax.errorbar(r.delta * scale, i, xerr=[[(r.delta - r.low) * scale], [(r.high - r.delta) * scale]], fmt="o",
-                        color=colors.get(r.verdict, "C0"), capsize=4)
-            ax.annotate(f"p={p_text(r.p_holm)}", (r.high * scale, i), xytext=(6, -3), textcoords="offset points",
-                        fontsize=7)
+                        color=colors.get(r.verdict, "grey"), capsize=4)
+            ax.annotate(r.verdict, (r.high * scale, i), xytext=(6, -3), textcoords="offset points", fontsize=7)
         ax.axvline(0, color="grey", lw=0.8, ls="--")
         ax.set_yticks(range(len(names)), names)
         unit = " (pp)" if metric(primary).fmt == "pct" else ""
-        ax.set_xlabel(f"Δ {metric(primary).label} vs {suite.baseline}{unit}, {1 - suite.report.alpha:.0%} CI")
-        ax.set_title(f"{suite.name}: paired differences (green better, red worse, blue no evidence; Holm p)", fontsize=8)
+        ax.set_xlabel(f"Δ {metric(primary).label} vs {suite.baseline}{unit}, simultaneous {1 - suite.report.alpha:.0%} CI")
+        ax.set_title(f"{suite.name}: paired differences (green better, red worse, blue equivalent, grey inconclusive"
+                     + ("; shaded: ±margin)" if margin else ")"), fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     return True
 

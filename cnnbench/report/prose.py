@@ -3,20 +3,21 @@ and the text of the compression and tuning sections."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
 
-from cnnbench import techniques
+from cnnbench import stats, techniques
 from cnnbench.config import TUNING_SEED_BASE, Suite
 from cnnbench.metrics import metric
 from cnnbench.report.selection import per_seed
 from cnnbench.report.tables import (
     delta_ci,
     importance_table,
+    magnitude,
     mean_ci,
     n_of,
-    p_text,
     ratio,
     to_markdown,
     tuning_table,
@@ -24,9 +25,10 @@ from cnnbench.report.tables import (
 from cnnbench.tracking import ROLE_RUN
 
 
-def answer(suite: Suite, runs: pd.DataFrame, comps: dict) -> str:
-    """The suite's question answered in a sentence or two, with the numbers behind it."""
-    primary, alpha = suite.report.primary, suite.report.alpha
+def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
+    """The suite's question answered: each variant better, worse, equivalent within the margin or
+    inconclusive (with what the suite could have detected), with the numbers behind it."""
+    primary = suite.report.primary
     fmt = metric(primary)
     base = list(per_seed(runs, suite.baseline, primary).values())
     if len(suite.variants) == 1:
@@ -36,42 +38,75 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict) -> str:
     results = comps[primary]
 
     def cite(v: str) -> str:
-        r = results[v]
-        return f"`{v}` ({delta_ci(r, fmt).replace(f' (n={r.n})', '')}, p = {p_text(r.p_holm)})"
+        return f"`{v}` ({delta_ci(results[v], fmt).replace(f' (n={results[v].n})', '')})"
 
-    better = [v for v, r in results.items() if r.verdict == "better"]
-    worse = [v for v, r in results.items() if r.verdict == "worse"]
-    unclear = [v for v, r in results.items() if r.verdict == "no evidence of a difference"]
-    few = [v for v, r in results.items() if r.verdict.startswith("too few")]
-    n = max((r.n for r in results.values()), default=0)
+    def group(word: str) -> list[str]:
+        return [v for v, r in results.items() if r.verdict == word]
+
     text = f"The baseline `{suite.baseline}` reaches {fmt(sum(base) / len(base))} {fmt.label}. "
-    if better:
-        text += "Better than it: " + "; ".join(cite(v) for v in better) + ". "
-    if worse:
-        text += "Worse: " + "; ".join(cite(v) for v in worse) + ". "
-    if unclear:
-        if not better and not worse:
-            text += "No variant differs detectably from it: "
-        else:
-            text += "No evidence of a difference for "
-        text += ", ".join(cite(v).replace(f", p = {p_text(results[v].p_holm)}", "") for v in unclear) + ". "
+    for word, lead in (("better", "Better than it"), ("worse", "Worse"), ("higher", "Higher"), ("lower", "Lower")):
+        if group(word):
+            text += f"{lead}: " + "; ".join(cite(v) for v in group(word)) + ". "
+    equivalent = group("equivalent")
+    if equivalent:
+        text += (f"Equivalent to it within ±{magnitude(results[equivalent[0]].margin, fmt)}: "
+                 + "; ".join(cite(v) for v in equivalent) + ". ")
+    for v in group("inconclusive") + group(stats.NOT_JUDGED):
+        text += f"Inconclusive for {cite(v)}: {could_detect(results[v], fmt)}. "
+    few = [v for v, r in results.items() if r.verdict.startswith("too few")]
     if few:
         text += "Too few paired seeds to judge " + ", ".join(f"`{v}`" for v in few) + ". "
-    speed = comps.get("train_throughput", {})
-    base_speed = list(per_seed(runs, suite.baseline, "train_throughput").values())
-    if base_speed and primary != "train_throughput":
-        base_rate = sum(base_speed) / len(base_speed)
-        moved = [(v, r) for v, r in speed.items() if r.verdict in ("better", "worse")]
-        text += f"Training throughput: baseline {base_rate:,.0f} img/s" + (
-            "; " + ", ".join(f"`{v}` {100 * r.delta / base_rate:+.0f}%" for v, r in moved) + " (significant)"
-            if moved else ", no significant change") + ". "
+    if primary != "train_throughput":
+        text += speed_sentence(suite, runs, comps, timing)
     problems = runs[runs["status"].isin(["diverged", "failed", "skipped"])]
     for variant, sub in problems.groupby("variant", sort=False):
         total = int((runs["variant"] == variant).sum())
         text += f"`{variant}`: {', '.join(f'{c} {s}' for s, c in sub['status'].value_counts().items())} of {total} seeds. "
-    return text + (f"(Paired t-tests over n = {n} seeds, Holm-corrected across {n_of(len(results), 'variant')}, "
-                   f"α = {alpha:g}; Δ is in {fmt.label} with its {1 - alpha:.0%} interval for that comparison alone — "
-                   "verdicts use the Holm-adjusted p, so an interval can exclude 0 without a verdict.)")
+    return text + "(" + method_sentence(suite, results) + ")"
+
+
+def could_detect(r: stats.Paired, fmt) -> str:
+    """Why an inconclusive comparison did not decide, and what would."""
+    if r.verdict == stats.NOT_JUDGED:
+        return "no A/A noise floor was measured, so a timing difference is not judged"
+    if r.method == "sign-flip":
+        return f"all {r.n} paired differences are equal, and the exact sign-flip test needs {r.seeds_needed} seeds"
+    text = f"this suite can detect ≥ {magnitude(r.mde, fmt)}" if math.isfinite(r.mde) else "no spread to plan from"
+    if r.seeds_needed:
+        text += f"; about {r.seeds_needed} seeds would detect {magnitude(r.seeds_for, fmt)}"
+    elif math.isfinite(r.seeds_for) and r.seeds_for > 0:
+        text += f"; more than {stats.MAX_PLANNED_SEEDS} seeds would be needed to detect {magnitude(r.seeds_for, fmt)}"
+    if r.margin is None:
+        text += " (no margin set, so it cannot be called equivalent)"
+    return text
+
+
+def speed_sentence(suite: Suite, runs: pd.DataFrame, comps: dict, timing) -> str:
+    """Training throughput against the noise floor, and the interleaved latency verdicts."""
+    text = ""
+    speed = comps.get("train_throughput", {})
+    base_speed = list(per_seed(runs, suite.baseline, "train_throughput").values())
+    if base_speed:
+        rate = sum(base_speed) / len(base_speed)
+        moved = [(v, r) for v, r in speed.items() if r.verdict in ("better", "worse")]
+        text += f"Training throughput: baseline {rate:,.0f} img/s" + (
+            "; " + ", ".join(f"`{v}` {100 * r.relative:+.0f}% ({r.verdict})" for v, r in moved) if moved else "")
+        if timing is None:
+            text += " (no A/A noise floor measured: speed differences are not judged). "
+        else:
+            text += f" (differences must exceed the A/A noise floor of ±{timing.floor:.1%}). "
+    if timing is not None and timing.verdicts:
+        text += timing.sentence() + " "
+    return text
+
+
+def method_sentence(suite: Suite, results: dict) -> str:
+    n = max((r.n for r in results.values()), default=0)
+    looks = suite.looks()
+    m = len(results)
+    return (f"Paired t-intervals over n = {n} seeds, simultaneous at {1 - suite.report.alpha:.0%} across "
+            f"{n_of(m, 'variant')} (Bonferroni) — {looks.describe()}; a verdict is better/worse when its interval "
+            "excludes 0, equivalent when it lies inside ±margin, so interval and verdict always agree.")
 
 
 def describe_runs(suite: Suite, runs: pd.DataFrame) -> str:

@@ -26,6 +26,13 @@ def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
             keys = runs["tags.cnnbench.plan_key"].fillna(keys)
     untuned = plan(suite)
     tuned = plan(suite, {v: e for v, e in suite.experiments.items()}) if suite.search is not None else untuned
+    if suite.adaptive and not runs.empty:  # seeds of rounds that never started are not missing, just not run
+        seen = set(pd.to_numeric(runs.get("tags.cnnbench.seed"), errors="coerce").dropna().astype(int))
+        seeds = suite.seed_list()
+        last = max((seeds.index(s) for s in seen if s in seeds), default=-1)
+        n = suite.seeds.counts[suite.looks().index(last + 1)]
+        untuned = [s for s in untuned if seeds.index(s.seed) < n]
+        tuned = [s for s in tuned if seeds.index(s.seed) < n]
     for spec, tuned_spec in zip(untuned, tuned):
         row = {"variant": spec.variant, "seed": spec.seed, "status": "missing", "run_id": None, "tuned": False}
         for key, is_tuned in ((tuned_spec.plan_key, suite.search is not None), (spec.plan_key, False)):
@@ -81,21 +88,39 @@ def primary_higher_is_better(suite: Suite) -> bool:
     return higher_is_better(suite, suite.report.primary) is not False
 
 
-def comparisons(suite: Suite, runs: pd.DataFrame) -> dict[str, dict[str, stats.Paired]]:
-    """metric → variant → paired comparison with the baseline (Holm across variants, per metric).
-    A neutral metric's significant differences are called higher/lower instead of better/worse."""
+def seeds_run(runs: pd.DataFrame) -> int:
+    """How many of the suite's seeds have runs: the look an adaptive suite has reached."""
+    return int(runs.loc[runs["status"] != "missing", "seed"].nunique()) if not runs.empty else 0
+
+
+def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) -> dict[str, dict[str, stats.Paired]]:
+    """metric → variant → paired comparison with the baseline, decided at the α of the look reached.
+
+    Margins come from ``report.margin``; timing metrics use ``report.timing.margin`` unless the suite gives
+    them one, and ``floor`` (the relative A/A noise floor of the timing protocol; None: not measured)."""
     metrics = list(dict.fromkeys([suite.report.primary, *suite.report.metrics]))
     # time to target is censored: compared through the Kaplan–Meier median, not as a paired mean
     metrics = [m for m in metrics if m not in CENSORED]
+    level_alpha = suite.looks().level(max(seeds_run(runs), 1))
     out = {}
     for m in metrics:
+        row = metric(m)
+        margin, relative = suite.report.margin_for(m)
+        if row.is_speed and margin is None:
+            margin, relative = suite.report.timing.relative_margin, True
         values = {v: per_seed(runs, v, m) for v in suite.variants}
-        higher = higher_is_better(suite, m)
-        out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher is not False)
-        if higher is None:
-            for r in out[m].values():
-                r.verdict = {"better": "higher", "worse": "lower"}.get(r.verdict, r.verdict)
+        kind = "timing" if row.is_speed else "deterministic" if row.kind == "deterministic" else "stochastic"
+        out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher_is_better(suite, m),
+                                   kind=kind, margin=margin, relative_margin=relative, floor=floor,
+                                   level_alpha=level_alpha, bounds=row.bounds)
     return out
+
+
+def decided(suite: Suite, comps: dict[str, dict[str, stats.Paired]]) -> bool:
+    """Whether every comparison an adaptive suite waits for is decided: the primary metric's, and those of
+    every metric the suite gives a margin."""
+    waits = [suite.report.primary] + (list(suite.report.margin) if isinstance(suite.report.margin, dict) else [])
+    return all(r.decided for m in dict.fromkeys(waits) if m in comps for r in comps[m].values())
 
 
 def time_to_target(runs: pd.DataFrame, variant: str) -> stats.TimeToTarget:

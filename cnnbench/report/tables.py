@@ -43,7 +43,7 @@ def mean_std(values: pd.Series, fmt: Metric) -> str:
 
 
 def mean_ci(values: list[float], fmt: Metric, alpha: float) -> str:
-    """``mean [low, high]`` (t-interval of the mean), or the single value."""
+    """``mean [low, high]`` (t-interval of the mean, inside the metric's range), or the single value."""
     from scipy import stats as st
 
     v = [x for x in values if math.isfinite(x)]
@@ -53,17 +53,48 @@ def mean_ci(values: list[float], fmt: Metric, alpha: float) -> str:
     if len(v) < 2 or len(set(v)) == 1:
         return fmt(mean)
     lo, hi = st.t.interval(1 - alpha, len(v) - 1, loc=mean, scale=st.sem(v))
+    if fmt.bounds is not None:
+        lo, hi = max(lo, fmt.bounds[0]), min(hi, fmt.bounds[1])
     return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def delta_ci(r: stats.Paired | None, fmt: Metric) -> str:
+    """Δ with its simultaneous interval and n; a deterministic metric's Δ with its relative change."""
     if r is None or r.n == 0:
         return "–"
+    if r.method == "fact":
+        rel = "" if math.isnan(r.relative) else f" ({r.relative:+.1%})"
+        return f"{fmt.delta(r.delta)}{rel}"
     if r.n < 2 or math.isnan(r.low):
         return f"{fmt.delta(r.delta)} (n={r.n})"
-    if r.method == "exact":
-        return f"{fmt.delta(r.delta)} (exact, n={r.n})"
-    return f"{fmt.delta(r.delta)} [{fmt.delta(r.low)}, {fmt.delta(r.high)}] (n={r.n})"
+    return f"{fmt.delta(r.delta)} [{bound(r.low, fmt)}, {bound(r.high, fmt)}] (n={r.n})"
+
+
+def bound(v: float, fmt: Metric) -> str:
+    return "−∞" if v == -math.inf else "+∞" if v == math.inf else fmt.delta(v)
+
+
+def magnitude(v: float | None, fmt: Metric) -> str:
+    """An unsigned size in the metric's unit (a margin, a detectable effect)."""
+    return "–" if v is None or not math.isfinite(v) else fmt.delta(abs(v)).lstrip("+")
+
+
+def verdict_text(r: stats.Paired | None, fmt: Metric) -> str:
+    """The verdict as the table shows it: ``equivalent (±0.20 pp)``, ``inconclusive``, ``better``…"""
+    if r is None:
+        return "baseline"
+    if r.verdict == "equivalent":
+        return f"equivalent (±{magnitude(r.margin, fmt)})"
+    return r.verdict
+
+
+def detectable_text(r: stats.Paired | None, fmt: Metric) -> str:
+    """The smallest difference this comparison finds with 80% power, or why there is none."""
+    if r is None or r.method == "fact":
+        return "–"
+    if r.method == "sign-flip":
+        return f"— (no spread; {r.seeds_needed} seeds)" if r.seeds_needed else "— (no spread)"
+    return "≥ " + magnitude(r.mde, fmt) if math.isfinite(r.mde) else "–"
 
 
 def ratio(runs: pd.DataFrame, suite: Suite, variant: str, name: str) -> str:
@@ -94,9 +125,10 @@ def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame
         row = {
             "variant": f"**{variant}** (baseline)" if variant == suite.baseline else variant,
             f"{fmt.label} [{1 - alpha:.0%} CI]": mean_ci(list(per_seed(runs, variant, primary).values()), fmt, alpha),
-            f"Δ vs baseline [{1 - alpha:.0%} CI]": "–" if r is None else delta_ci(r, fmt),
-            "p (Holm)": "–" if r is None else p_text(r.p_holm),
-            "verdict": "baseline" if r is None else r.verdict,
+            f"Δ vs baseline [simultaneous {1 - alpha:.0%} CI]": "–" if r is None else delta_ci(r, fmt),
+            "p (adj.)": "–" if r is None else p_text(r.p_adj),
+            "verdict": verdict_text(r, fmt),
+            "detectable (80% power)": detectable_text(r, fmt),
             "time to target (KM median)": str(time_to_target(runs, variant)),
         }
         for m in ("train_throughput", "params"):
@@ -108,7 +140,8 @@ def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame
 
 
 def metrics_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
-    """Every reported metric: mean ± sd per variant and, vs the baseline, Δ [CI], p, Holm p, Wilcoxon p, verdict."""
+    """Every reported metric: mean ± sd per variant and, vs the baseline, Δ [CI], p, adjusted p, Wilcoxon p,
+    verdict and detectable effect (deterministic metrics: the difference, stated)."""
     rows = []
     for m, by_variant in comps.items():
         fmt = metric(m)
@@ -120,9 +153,10 @@ def metrics_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame
                 "mean ± sd": mean_std(pd.Series(vals, dtype=float), fmt),
                 "Δ vs baseline [CI]": "–" if r is None else delta_ci(r, fmt),
                 "p": "–" if r is None else p_text(r.p),
-                "p (Holm)": "–" if r is None else p_text(r.p_holm),
+                "p (adj.)": "–" if r is None else p_text(r.p_adj),
                 "p Wilcoxon": "–" if r is None else p_text(r.p_wilcoxon),
-                "verdict": "baseline" if r is None else r.verdict,
+                "verdict": verdict_text(r, fmt),
+                "detectable": detectable_text(r, fmt),
             })
     return pd.DataFrame(rows)
 

@@ -1,0 +1,129 @@
+"""Verdicts that decide, end to end: margins in the schema, adaptive seeds that stop when decided (and only
+then), the timing protocol's record and report section, and `cnnbench validate` planning seeds."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SUITE, write_suite
+from mlflow import MlflowClient
+
+from cnnbench.config import SuiteError, load_suite
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+
+
+def runs_of(suite: str, role: str = "run"):
+    exp = client().get_experiment_by_name(suite)
+    return client().search_runs([exp.experiment_id], f"tags.`cnnbench.role` = '{role}'", max_results=1000)
+
+
+def suite_text(**edits: str) -> str:
+    text = TINY_SUITE
+    for old, new in edits.items():
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.parametrize("margin,expected", [
+    ("'0.2 pp'", (0.002, False)), ("'5%'", (0.05, True)), ("{test_accuracy: 0.5 pp, train_time_s: 0.3}", (0.005, False)),
+])
+def test_margins_are_read_in_the_metrics_units(tmp_path, margin, expected):
+    suite = load_suite(write_suite(tmp_path / "s.yaml", TINY_SUITE + f"report: {{margin: {margin}}}\n"))
+    assert suite.report.margin_for("test_accuracy") == pytest.approx(expected)
+    if "train_time_s" in margin:
+        assert suite.report.margin_for("train_time_s") == (0.3, False)
+    assert suite.report.margin_for("f1_macro") == (None, False)
+
+
+@pytest.mark.parametrize("report,words", [
+    ("{margin: 0.2}", ["report.margin", "'0.2 pp'"]),  # a bare number for a share would be 20 pp
+    ("{margin: {train_time_s: 0.2 pp}}", ["percentage points are for shares"]),
+    ("{margin: 'a lot'}", ["'N pp'"]),
+    ("{timing: {margin: 0.05}}", ["must be relative"]),
+])
+def test_bad_margins_name_the_key_and_the_fix(tmp_path, report, words):
+    with pytest.raises(SuiteError) as e:
+        load_suite(write_suite(tmp_path / "s.yaml", TINY_SUITE + f"report: {report}\n"))
+    text = str(e.value)
+    for w in words:
+        assert w in text, text
+
+
+def test_adaptive_seeds_schema(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "s.yaml", suite_text(**{"seeds: 2": "seeds: {min: 3, max: 20}"})))
+    assert suite.adaptive and suite.seed_list() == list(range(20)) and suite.looks().counts == (3, 6, 9, 12, 15, 18, 20)
+    with pytest.raises(SuiteError, match="max"):
+        load_suite(write_suite(tmp_path / "t.yaml", suite_text(**{"seeds: 2": "seeds: {min: 4, max: 3}"})))
+
+
+DIGITS = """\
+name: tiny
+question: Does a learning rate of 1e-7 keep a LeNet-5 from learning the digits?
+base:
+  data: {dataset: digits, batch_size: 64, val_fraction: 0.1}
+  model: {name: lenet5}
+  optimizer: {name: adam, lr: 0.001}
+  train: {epochs: 3, target_accuracy: 0.9}
+  device: cpu
+variants:
+  adam: {}
+  other: {}
+baseline: adam
+"""
+
+
+def test_adaptive_seeds_stop_once_decided_and_record_the_timing_protocol(cli, workdir):
+    """A variant that cannot learn (lr 1e-7) is decided 'worse' at the first look: only 2 of 4 seeds run.
+    The timing protocol times seed 0's models side by side (A/A included) and the report shows its verdicts."""
+    text = DIGITS.replace("  other: {}", "  frozen: {optimizer: {name: sgd, lr: 1.0e-7}}") + \
+        "seeds: {min: 2, max: 4, per_round: 1}\n"
+    result = cli("run", write_suite(workdir / "tiny.yaml", text), "--no-report")
+    assert result.exit_code == 0, result.output
+    assert "round 1: every comparison decided after 2 seeds — stopping" in result.output
+    assert sorted({r.data.tags["cnnbench.seed"] for r in runs_of("tiny")}) == ["0", "1"]
+    timing = runs_of("tiny", "timing")
+    assert len(timing) == 1 and timing[0].data.tags["cnnbench.seed"] == "0"
+    data = json.loads(Path(client().download_artifacts(timing[0].info.run_id, "timing.json", str(workdir))).read_text())
+    assert set(data["models"]) == {"adam", "adam (A/A)", "frozen"}
+    assert all(len(data["times_ms"]["eager"][m]["64"]) == 15 for m in data["models"])
+    assert {"load_avg_1m", "cpu_steal_fraction"} <= set(runs_of("tiny")[0].data.metrics)
+
+    report = cli("report", workdir / "tiny.yaml")
+    assert report.exit_code == 0, report.output
+    md = (workdir / "reports" / "tiny.md").read_text()
+    assert "Worse: `frozen`" in md and "looks at 2, 3, 4 seeds" in md
+    assert "## Timing" in md and "A/A floor" in md and "| eager  |" in md
+    assert "missing" not in md  # seeds of rounds that never ran are not missing runs
+
+
+def test_adaptive_seeds_run_to_max_when_undecided_and_say_what_would_decide(cli, workdir):
+    """Two variants that train identically (only the evaluation batch differs) never differ: no margin can be
+    reached with equal differences before the sign-flip test allows it, so every round runs and the report says
+    how many seeds would decide."""
+    text = DIGITS.replace("  other: {}", "  twin: {data: {eval_batch_size: 128}}") + \
+        "seeds: {min: 2, max: 3, per_round: 1}\nreport: {margin: 1 pp}\n"
+    result = cli("run", write_suite(workdir / "tiny.yaml", text))
+    assert result.exit_code == 0, result.output
+    assert "round 1: 1 comparison(s) undecided after 2 seeds (twin) — going on to 3" in result.output
+    assert "3 seeds (max) reached; still inconclusive: twin" in result.output
+    assert len(runs_of("tiny")) == 6
+    md = (workdir / "reports" / "tiny.md").read_text()
+    assert "Inconclusive for `twin`" in md and "sign-flip test needs" in md
+
+    plan = cli("validate", workdir / "tiny.yaml")
+    assert plan.exit_code == 0, plan.output
+    assert "looks at 2, 3 seeds" in plan.output and "twin:" in plan.output and "seeds to detect 1.00 pp" in plan.output
+
+
+def test_validate_plans_from_a_pilot_when_nothing_is_recorded(cli, workdir):
+    path = write_suite(workdir / "tiny.yaml", TINY_SUITE + "report: {margin: 0.5 pp}\n")
+    empty = cli("validate", path)
+    assert empty.exit_code == 0 and "run a pilot (--pilot 3)" in empty.output
+    pilot = cli("validate", path, "--pilot", "2", "--set", "base.train.epochs=1")
+    assert pilot.exit_code == 0, pilot.output
+    assert "pilot: 2 seeds of every variant" in pilot.output
+    assert "adam: Δ" in pilot.output and "sd of paired differences" in pilot.output and "to detect 0.50 pp" in pilot.output
+    assert len(runs_of("tiny")) == 4  # the pilot's runs are recorded, and a full run reuses them
