@@ -304,6 +304,8 @@ def test_a_second_run_on_the_same_sqlite_store_is_refused_and_the_first_finishes
     assert first.returncode == 0, out
     c = client()
     runs = c.search_runs([c.get_experiment_by_name("slow").experiment_id], "")
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # parent + 2 variants, store intact
+    roles = sorted(r.data.tags["cnnbench.role"] for r in runs)
+    assert roles == ["run", "run", "suite", "timing"]  # parent, 2 variants and the timing protocol: store intact
+    assert all(r.info.status == "FINISHED" for r in runs)
     assert c.get_experiment_by_name("tiny") is None  # the refused run wrote nothing
     assert cli("run", write_suite(workdir / "tiny.yaml", TINY_SUITE), "-q").exit_code == 0  # free again

@@ -112,6 +112,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         lines += [("Runs of " + ", ".join(f"`{v}`" for v in plain) + " use the values written in the suite, not tuned "
                    "ones (they ran with `--no-search`).") if plain else
                   "Every run uses its variant's tuned values (see Tuning).", ""]
+    lines += load_lines(runs)
     problems = runs[runs["status"].isin(["diverged", "failed", "skipped", "killed"])]
     if not problems.empty:
         lines += ["Runs that did not finish:", ""]
@@ -195,6 +196,22 @@ def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.Dat
                    "metrics (parameters, FLOPs, size) are stated, not tested")
     return [intro, "", to_markdown(table), "", determinism(frame), "", f"<details><summary>{summary}</summary>", "",
             to_markdown(details), "", "</details>", ""]
+
+
+def load_lines(runs: pd.DataFrame) -> list[str]:
+    """The machine's load over the runs (recorded per run), and the runs measured on a loaded machine."""
+    load = pd.to_numeric(runs.get("metrics.load_avg_1m", pd.Series(dtype=float)), errors="coerce").dropna()
+    if load.empty:
+        return []
+    steal = pd.to_numeric(runs.get("metrics.cpu_steal_fraction", pd.Series(dtype=float)), errors="coerce").dropna()
+    loaded = runs[runs.get("tags.cnnbench.loaded", pd.Series(index=runs.index, dtype=object)) == "true"]
+    text = (f"Machine load over the runs: 1-minute load average {load.median():.2f} (median; max {load.max():.2f}), "
+            f"CPU steal {steal.max() if not steal.empty else float('nan'):.1%} at most. ")
+    if loaded.empty:
+        return [text + "No run was measured on a loaded machine (load above the CPU count, or steal above 5%).", ""]
+    names = ", ".join(f"`{v}/seed{s}`" for v, s in zip(loaded["variant"], loaded["seed"]))
+    return [text + f"**Measured on a loaded machine** (load above the CPU count, or steal above 5%): {names} — "
+            "their timings are suspect.", ""]
 
 
 def report_meta(path: Path) -> dict | None:
