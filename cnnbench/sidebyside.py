@@ -68,8 +68,9 @@ class SideBySide:
 
         base = self.kept[self.suite.baseline]
         same = {v: k for v, k in self.kept.items() if k.device == base.device and k.input_shape == base.input_shape}
-        names = {self.suite.baseline: base, self.suite.baseline + AA_SUFFIX: base}
-        names |= {v: k for v, k in same.items() if v != self.suite.baseline}
+        names = {self.suite.baseline: base} | {v: k for v, k in same.items() if v != self.suite.baseline}
+        names[self.suite.baseline + AA_SUFFIX] = dataclasses.replace(base, model=_copy(base.model))  # last: not
+        # always right after the baseline, whose weights it would find in the caches
         s = self.settings
         times = {}
         with LoadMonitor() as monitor:
@@ -106,3 +107,14 @@ class SideBySide:
         return (f"timed {len(names)} models of seed {self.seed} side by side ({', '.join(s.forms)}; "
                 f"{s.rounds} interleaved rounds, A/A included)"
                 + (" — the machine was loaded" if monitor.result.loaded else ""))
+
+
+def _copy(model):
+    """A separate copy of the baseline for the A/A pair (its own tensors, as any other model has); the same
+    object where it cannot be copied."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - e.g. a module holding something deepcopy refuses
+        return model

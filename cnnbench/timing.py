@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 STEAL_LIMIT = 0.05  # above this share of CPU time taken by the hypervisor, timings are not trustworthy
+LOAD_SLACK = 1.0  # a load average above CPUs + this means another job competes with the one measured
 
 _PROC_LOADAVG = "/proc/loadavg"
 _PROC_STAT = "/proc/stat"
@@ -60,7 +61,7 @@ def _fixed_inputs(input_shape: tuple[int, ...], batch_sizes: tuple[int, ...], de
 
 
 def interleaved_latency(models: dict[str, Callable], input_shape: tuple[int, ...], device: torch.device,
-                        batch_sizes: tuple[int, ...] = (1, 64), rounds: int = 15, calls_per_round: int = 5,
+                        batch_sizes: tuple[int, ...] = (1, 64), rounds: int = 15, calls_per_round: int = 10,
                         warmup: int = 5, seed: int = 0) -> dict[str, dict[int, list[float]]]:
     """name -> batch size -> one value per round: the median wall time (ms) of ``calls_per_round``
     forward passes of that model on that batch size in that round.
@@ -72,9 +73,11 @@ def interleaved_latency(models: dict[str, Callable], input_shape: tuple[int, ...
       so the models differ only in themselves.
     * **Warm-up**: every model gets ``warmup`` untimed calls at every batch size before any round
       (compilation, lazy initialisation, allocator and cache warm-up).
-    * **Interleaving**: each round visits, for each batch size, every model for ``calls_per_round``
-      calls. A slow change in the machine (another job starting, throttling) then lands on all models
-      within a round instead of on whichever model happened to be measured at that time.
+    * **Interleaving**: each round makes, for each batch size, ``calls_per_round`` passes over the models,
+      one call of each in turn (A, B, C, A′, A, B, C, A′, …). A change in the machine (another job
+      starting, throttling) then lands on all models within a round instead of on whichever model
+      happened to be measured at that time: on a shared 2-core VM the latency of one model at batch 1
+      moves by 3× between rounds a second apart, so calls of a model must not be grouped.
     * **Rotation**: round ``r`` starts with model ``r % len(models)`` and goes on in order, wrapping
       around; so no model always runs first (after the previous batch size's heaviest model, or
       with the caches and clocks of an idle moment) or always last.
@@ -105,16 +108,16 @@ def interleaved_latency(models: dict[str, Callable], input_shape: tuple[int, ...
             order = names[start:] + names[:start]
             for bs in batch_sizes:
                 x = inputs[bs]
-                for name in order:
-                    model = models[name]
-                    calls = []
-                    for _ in range(calls_per_round):
+                calls: dict[str, list[float]] = {name: [] for name in order}
+                for _ in range(calls_per_round):  # one call of each model in turn: A, B, C, A', A, B, C, A', …
+                    for name in order:
                         devices.synchronize(device)
                         t0 = time.perf_counter()
-                        model(x)
+                        models[name](x)
                         devices.synchronize(device)
-                        calls.append((time.perf_counter() - t0) * 1e3)
-                    out[name][bs].append(statistics.median(calls))
+                        calls[name].append((time.perf_counter() - t0) * 1e3)
+                for name in order:
+                    out[name][bs].append(statistics.median(calls[name]))
     return out
 
 
@@ -131,9 +134,10 @@ class MachineLoad:
 
     @property
     def loaded(self) -> bool:
-        """More runnable tasks than CPUs, or more than ``STEAL_LIMIT`` of the CPU time taken by the
-        hypervisor. False where a figure is unknown (nan)."""
-        return bool(self.load_avg_1m > self.cpus or self.cpu_steal_fraction > STEAL_LIMIT)
+        """Something else competes for the CPUs: a load average above CPUs + ``LOAD_SLACK`` (the measured
+        process itself keeps up to one runnable task per CPU busy: a 2-thread run on 2 cores alone reads ≈ 2),
+        or more than ``STEAL_LIMIT`` of the CPU time taken by the hypervisor. False where a figure is unknown."""
+        return bool(self.load_avg_1m > self.cpus + LOAD_SLACK or self.cpu_steal_fraction > STEAL_LIMIT)
 
     def metrics(self) -> dict[str, float]:
         return {"load_avg_1m": self.load_avg_1m, "cpu_steal_fraction": self.cpu_steal_fraction}

@@ -145,7 +145,8 @@ class TimingConfig(Strict):
 
     enabled: bool = Field(True, description="time the models side by side after training (needs inference.enabled)")
     rounds: int = Field(15, ge=2, description="interleaved rounds (A, B, C, A', …); one median per model per round")
-    calls_per_round: PositiveInt = Field(5, description="timed forward passes per model per round")
+    calls_per_round: PositiveInt = Field(10, description="timed forward passes per model per round, one model after "
+                                                         "the other (A, B, C, A′, A, …); the round keeps each one's median")
     warmup: NonNegativeInt = Field(5, description="untimed passes per model and batch size before the rounds")
     forms: list[Literal["eager", "compiled"]] = Field(
         ["eager"], min_length=1, description="deployed forms to time; 'compiled': torch.compile (inductor) each model")

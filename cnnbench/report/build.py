@@ -208,9 +208,9 @@ def load_lines(runs: pd.DataFrame) -> list[str]:
     text = (f"Machine load over the runs: 1-minute load average {load.median():.2f} (median; max {load.max():.2f}), "
             f"CPU steal {steal.max() if not steal.empty else float('nan'):.1%} at most. ")
     if loaded.empty:
-        return [text + "No run was measured on a loaded machine (load above the CPU count, or steal above 5%).", ""]
+        return [text + "No run was measured on a loaded machine (load average above CPUs + 1, or CPU steal above 5%).", ""]
     names = ", ".join(f"`{v}/seed{s}`" for v, s in zip(loaded["variant"], loaded["seed"]))
-    return [text + f"**Measured on a loaded machine** (load above the CPU count, or steal above 5%): {names} — "
+    return [text + f"**Measured on a loaded machine** (load average above CPUs + 1, or CPU steal above 5%): {names} — "
             "their timings are suspect.", ""]
 
 

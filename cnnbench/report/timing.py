@@ -27,6 +27,7 @@ class TimingRecord:
     variants: dict[str, str]  # model name → variant
     load: dict
     rounds: int
+    calls: int
     alpha: float
     margin: float
     floors: dict[tuple[str, str], float] = field(default_factory=dict)  # (form, batch size) → relative floor
@@ -70,8 +71,8 @@ class TimingRecord:
         lines = [
             "## Timing", "",
             f"The trained models of seed {self.seed} — baseline, variants, and the baseline a second time (A/A) — "
-            f"were timed in one process in {self.rounds} "
-            "interleaved rounds (the order rotates every round; warm-up first; device synchronized around every "
+            f"were timed in one process in {self.rounds} rounds of {self.calls} calls each, one model after the other "
+            "(A, B, C, A′, A, …; the order rotates every round; warm-up first; device synchronized around every "
             "call). Each cell is the variant's latency over the baseline's (geometric mean of the per-round ratios, "
             f"simultaneous {1 - self.alpha:.0%} interval across the variants). The A/A floor is how far the baseline "
             "differs from itself; faster/slower (better/worse) needs the interval beyond it, equivalent needs the "
@@ -113,5 +114,5 @@ def timing_record(suite: Suite, frame: pd.DataFrame, runs: pd.DataFrame, tracker
                     if n in (data["baseline"], data["aa"]) or shown.get((m["variant"], data["seed"])) == m["plan_key"]}
         times = {form: {n: t for n, t in by_model.items() if n in variants} for form, by_model in data["times_ms"].items()}
         return TimingRecord(row["run_id"], data["seed"], data["baseline"], data["aa"], times, variants, data["load"],
-                            data["rounds"], suite.report.alpha, suite.report.timing.relative_margin)
+                            data["rounds"], data["calls_per_round"], suite.report.alpha, suite.report.timing.relative_margin)
     return None
