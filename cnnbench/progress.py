@@ -61,7 +61,10 @@ class RichEvents(Events):
         if self.quiet:
             return
         style = STATUS_STYLE.get(status, "white")
-        detail = f"test acc {100 * metrics['test_accuracy']:.2f}%  {metrics['train_throughput']:,.0f} img/s" if "test_accuracy" in metrics else message
+        detail = message
+        if "test_accuracy" in metrics:  # post-training variants that did not fine-tune have no training throughput
+            speed = metrics.get("train_throughput")
+            detail = f"test acc {100 * metrics['test_accuracy']:.2f}%" + (f"  {speed:,.0f} img/s" if speed else "")
         self.console.print(f"  [{style}]{status:<8}[/] {spec.run_name:<28} {detail}")
 
     def trial_start(self, spec: RunSpec, done: int, total: int) -> None:

@@ -127,3 +127,19 @@ def test_validate_plans_from_a_pilot_when_nothing_is_recorded(cli, workdir):
     assert "pilot: 2 seeds of every variant" in pilot.output
     assert "adam: Δ" in pilot.output and "sd of paired differences" in pilot.output and "to detect 0.50 pp" in pilot.output
     assert len(runs_of("tiny")) == 4  # the pilot's runs are recorded, and a full run reuses them
+
+
+def test_progress_prints_a_post_training_run_without_training_throughput(tmp_path, capsys):
+    """A pruned variant that did not fine-tune has no training throughput: the line still prints (the
+    pruning suite crashed here)."""
+    from cnnbench.config import plan
+    from cnnbench.progress import RichEvents
+
+    spec = plan(load_suite(write_suite(tmp_path / "s.yaml", TINY_SUITE)))[0]
+    events = RichEvents()
+    with events:
+        events.suite_start(load_suite(tmp_path / "s.yaml"), [spec], 0)
+        events.run_end(spec, "finished", {"test_accuracy": 0.9}, "")
+        events.run_end(spec, "finished", {"test_accuracy": 0.9, "train_throughput": 1234.0}, "")
+    err = capsys.readouterr().err
+    assert "test acc 90.00%" in err and "1,234 img/s" in err
