@@ -119,6 +119,10 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
 def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
          queue):
     spec = _load(suite, overrides)
+    if queue is not None and spec.adaptive:
+        _fail(f"{suite}: adaptive seeds (seeds: {{min, max}}) need one process to read the verdicts between rounds, "
+              "and a shared --storage queue has many; give the suite a seed count (e.g. --set seeds="
+              f"{spec.seeds.max}) or run it without a shared queue")
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
     from cnnbench.interrupts import Interrupted, clear_interrupt, interrupt_requested, request_interrupt

@@ -143,3 +143,10 @@ def test_progress_prints_a_post_training_run_without_training_throughput(tmp_pat
         events.run_end(spec, "finished", {"test_accuracy": 0.9, "train_throughput": 1234.0}, "")
     err = capsys.readouterr().err
     assert "test acc 90.00%" in err and "1,234 img/s" in err
+
+
+def test_adaptive_seeds_are_refused_on_a_shared_queue(cli, workdir):
+    text = DIGITS + "seeds: {min: 2, max: 6}\n"
+    result = cli("run", write_suite(workdir / "tiny.yaml", text), "--storage", "postgresql://127.0.0.1:5432/nowhere")
+    assert result.exit_code == 2 and "adaptive seeds" in result.output and "--set seeds=6" in result.output
+    assert not (workdir / "mlflow.db").exists() or client().get_experiment_by_name("tiny") is None
