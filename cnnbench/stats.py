@@ -285,18 +285,6 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
     return out
 
 
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (nan entries stay nan and do not count)."""
-    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
-    order = sorted(idx, key=lambda i: pvalues[i])
-    m, running = len(order), 0.0
-    out = [math.nan] * len(pvalues)
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        out[i] = running
-    return out
-
-
 # ── timing: interleaved rounds and the A/A noise floor ─────────────────────────────────────────────
 
 

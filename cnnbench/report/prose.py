@@ -71,7 +71,13 @@ def could_detect(r: stats.Paired, fmt) -> str:
         return "no A/A noise floor was measured, so a timing difference is not judged"
     if r.method == "sign-flip":
         return f"all {r.n} paired differences are equal, and the exact sign-flip test needs {r.seeds_needed} seeds"
-    text = f"this suite can detect ≥ {magnitude(r.mde, fmt)}" if math.isfinite(r.mde) else "no spread to plan from"
+    span = fmt.bounds[1] - fmt.bounds[0] if fmt.bounds is not None else math.inf
+    if not math.isfinite(r.mde):
+        text = "no spread to plan from"
+    elif r.mde > span:  # e.g. two seeds, one of which collapsed: no difference the metric can show is detectable
+        text = f"at these seeds no difference {fmt.label} can show is detectable"
+    else:
+        text = f"this suite can detect ≥ {magnitude(r.mde, fmt)}"
     if r.seeds_needed:
         text += f"; about {r.seeds_needed} seeds would detect {magnitude(r.seeds_for, fmt)}"
     elif math.isfinite(r.seeds_for) and r.seeds_for > 0:

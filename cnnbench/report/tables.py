@@ -94,7 +94,10 @@ def detectable_text(r: stats.Paired | None, fmt: Metric) -> str:
         return "–"
     if r.method == "sign-flip":
         return f"— (no spread; {r.seeds_needed} seeds)" if r.seeds_needed else "— (no spread)"
-    return "≥ " + magnitude(r.mde, fmt) if math.isfinite(r.mde) else "–"
+    if not math.isfinite(r.mde):
+        return "–"
+    span = fmt.bounds[1] - fmt.bounds[0] if fmt.bounds is not None else math.inf
+    return "none within range" if r.mde > span else "≥ " + magnitude(r.mde, fmt)
 
 
 def ratio(runs: pd.DataFrame, suite: Suite, variant: str, name: str) -> str:
@@ -116,7 +119,7 @@ def counts(runs: pd.DataFrame, variant: str) -> str:
 
 
 def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
-    """One row per variant: the primary metric with its CI, the paired Δ, Holm p, verdict and costs."""
+    """One row per variant: the primary metric with its CI, the paired Δ, adjusted p, verdict, detectable effect, costs."""
     primary, alpha = suite.report.primary, suite.report.alpha
     fmt = metric(primary)
     rows = []
