@@ -50,7 +50,6 @@ class SuiteOutcome:
     parent_run_id: str
     counts: Counter = field(default_factory=Counter)  # status → number of runs (this invocation)
     reused: int = 0
-    seeds_run: int = 0  # adaptive seeds: where the rounds stopped
     wall_s: float = 0.0
     mlflow_s: float = 0.0
 
@@ -122,10 +121,9 @@ def run_suite(
         events.suite_start(suite, specs, outcome.reused)
         side = SideBySide(suite)
         seeds, counts = suite.seed_list(), suite.looks().counts
-        index = 0
+        index = first = 0
         for k, count in enumerate(counts):  # one round for a fixed seed list; adaptive: until decided
-            this_round = [s for s in todo if seeds.index(s.seed) < count and (k == 0 or seeds.index(s.seed) >= counts[k - 1])]
-            for spec in this_round:
+            for spec in [s for s in todo if first <= seeds.index(s.seed) < count]:
                 raise_if_interrupted()
                 events.run_start(spec, index, len(todo))
                 index += 1
@@ -133,15 +131,14 @@ def run_suite(
                                                     upstream, checkpoint_dir(tracker.uri) / suite.name, side=side)
                 outcome.counts[status] += 1
                 events.run_end(spec, status, metrics, message)
+            first = count
             if side.ready():
                 events.info(side.record(tracker, exp_id, parent))
             if suite.adaptive:
                 stop, message = _round_verdict(suite, tracker, k, count)
                 events.info(message)
                 if stop:
-                    outcome.seeds_run = count
                     break
-            outcome.seeds_run = count
     except (KeyboardInterrupt, Interrupted) as exc:
         code = exc.exit_code if isinstance(exc, Interrupted) else 130
         tracker.log(parent, tags={"cnnbench.status": "killed"})
