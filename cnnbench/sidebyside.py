@@ -26,7 +26,6 @@ class Kept:
     run_id: str
     plan_key: str
     model: object
-    quantized: bool
     device: object
     input_shape: tuple[int, ...]
 
@@ -52,8 +51,8 @@ class SideBySide:
         import torch
 
         run_device = torch.device("cpu") if result.quantized else device
-        self.kept[spec.variant] = Kept(spec.variant, run_id, spec.plan_key, result.model, result.quantized,
-                                       run_device, tuple(input_shape))
+        self.kept[spec.variant] = Kept(spec.variant, run_id, spec.plan_key, result.model, run_device,
+                                       tuple(input_shape))
 
     def ready(self) -> bool:
         return not self.recorded and self.suite.baseline in self.kept and len(self.kept) > 1

@@ -38,7 +38,6 @@ import numpy as np
 WILCOXON_MIN_N = 6
 POWER = 0.8  # for minimum detectable effects and seed planning
 MAX_PLANNED_SEEDS = 1000
-VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 NOT_JUDGED = "not judged (no noise floor)"
 
 

@@ -96,6 +96,7 @@ def test_adaptive_seeds_stop_once_decided_and_record_the_timing_protocol(cli, wo
     md = (workdir / "reports" / "tiny.md").read_text()
     assert "Worse: `frozen`" in md and "looks at 2, 3, 4 seeds" in md
     assert "## Timing" in md and "A/A floor" in md and "| eager  |" in md
+    assert "Machine load over the runs: 1-minute load average" in md
     assert "missing" not in md  # seeds of rounds that never ran are not missing runs
 
 

@@ -311,11 +311,6 @@ class AdaptiveSeeds(Strict):
             raise ValueError(f"seeds: max ({self.max}) must be ≥ min ({self.min})")
         return self
 
-    @property
-    def counts(self) -> tuple[int, ...]:
-        step = self.per_round or self.min
-        return tuple(dict.fromkeys([*range(self.min, self.max, step), self.max]))
-
 
 class Suite(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -376,5 +371,5 @@ class Suite(Strict):
         from cnnbench.stats import Looks
 
         if isinstance(self.seeds, AdaptiveSeeds):
-            return Looks(self.seeds.counts, self.report.alpha)
+            return Looks.rounds(self.seeds.min, self.seeds.max, self.seeds.per_round or self.seeds.min, self.report.alpha)
         return Looks.fixed(len(self.seed_list()), self.report.alpha)

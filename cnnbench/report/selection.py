@@ -30,7 +30,8 @@ def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
         seen = set(pd.to_numeric(runs.get("tags.cnnbench.seed"), errors="coerce").dropna().astype(int))
         seeds = suite.seed_list()
         last = max((seeds.index(s) for s in seen if s in seeds), default=-1)
-        n = suite.seeds.counts[suite.looks().index(last + 1)]
+        looks = suite.looks()
+        n = looks.counts[looks.index(last + 1)]
         untuned = [s for s in untuned if seeds.index(s.seed) < n]
         tuned = [s for s in tuned if seeds.index(s.seed) < n]
     for spec, tuned_spec in zip(untuned, tuned):

@@ -7,6 +7,7 @@ import json
 import math
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -103,7 +104,7 @@ def timing_record(suite: Suite, frame: pd.DataFrame, runs: pd.DataFrame, tracker
     for _, row in timed.iterrows():
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                data = json.loads(open(tracker.download_artifact(row["run_id"], TIMING_ARTIFACT, tmp)).read())
+                data = json.loads(Path(tracker.download_artifact(row["run_id"], TIMING_ARTIFACT, tmp)).read_text())
             except Exception:  # noqa: BLE001 - a timing run that died before its artifact: skip it
                 continue
         models = data["models"]
