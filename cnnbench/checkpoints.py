@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,19 +72,32 @@ def load_safely(path: Path):
 
 # ───────────────────────────── resuming a training run ─────────────────────────────
 
-TRAINING_STATE_VERSION = 1
-TRAINING_STATE_KEYS = {"version", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "loop"}
+TRAINING_STATE_VERSION = 2  # 2: the state names the run that saved it ("owner")
+TRAINING_STATE_KEYS = {"version", "owner", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "loop"}
 
 
-def save_training_state(path: str | Path, **state) -> Path:
+@dataclass
+class TrainingCheckpoint:
+    """Where one run keeps its per-epoch training state. ``owner`` (the run's fingerprint) is saved in the
+    state and checked when it is loaded: a state saved by another run is refused. ``on_saved(path, epoch)``
+    is called after each save (checkpoints that travel upload it: :mod:`cnnbench.checkpoint_store`)."""
+
+    path: Path
+    owner: str = ""
+    on_saved: Callable[[Path, int], None] | None = None
+
+
+def save_training_state(path: str | Path, owner: str = "", **state) -> Path:
     """Everything a run needs to continue after its last finished epoch exactly as if it had not
-    stopped: model, optimizer, scheduler, GradScaler, every RNG, the loop's counters and history."""
-    return save_atomic({"version": TRAINING_STATE_VERSION, **state}, path)
+    stopped: model, optimizer, scheduler, GradScaler, every RNG, the loop's counters and history;
+    ``owner`` names the run (:class:`TrainingCheckpoint`)."""
+    return save_atomic({"version": TRAINING_STATE_VERSION, "owner": owner, **state}, path)
 
 
-def load_training_state(path: str | Path) -> dict:
+def load_training_state(path: str | Path, owner: str | None = None) -> dict:
     """The state saved by :func:`save_training_state`, loaded with ``weights_only=True``; a truncated
-    file, pickled objects or another layout are refused with the path and the way out."""
+    file, pickled objects, another layout or (``owner`` given) another run's state are refused with the
+    path and the way out."""
     path = Path(path)
     try:
         state = load_safely(path)
@@ -91,4 +106,7 @@ def load_training_state(path: str | Path) -> dict:
     if not isinstance(state, dict) or set(state) != TRAINING_STATE_KEYS or state["version"] != TRAINING_STATE_VERSION:
         raise CheckpointError(f"{path}: not a cnnbench training checkpoint (version {TRAINING_STATE_VERSION}); "
                               "delete it to start this run from scratch")
+    if owner is not None and state["owner"] != owner:
+        raise CheckpointError(f"{path}: refused: it was saved by run {state['owner'] or '(unnamed)'}, not by this one "
+                              f"({owner or '(unnamed)'}); delete it to start this run from scratch")
     return state

@@ -68,6 +68,10 @@ def main() -> None:
     Run a YAML suite (a baseline and variants that each change one thing, over several seeds),
     record every run in MLflow, and write a markdown comparison report.
     """
+    from cnnbench import redact
+
+    redact.scan(*sys.argv)  # a password on the command line (--storage, --tracking-uri) is masked from here on
+    redact.guard_streams()  # progress, errors and tracebacks: masked on their way to the terminal
 
 
 @main.command()
@@ -90,8 +94,13 @@ def main() -> None:
 @click.option("--grace-period", "grace_s", default=60, show_default=True, type=click.IntRange(min=1),
               metavar="SECONDS", help="With an RDB --storage: a run whose worker sent no heartbeat for this long is "
                                       "failed and re-queued for another worker.")
+@click.option("--checkpoints", default="local", show_default=True, envvar="CNNBENCH_CHECKPOINTS",
+              metavar="local|mlflow|DIR",
+              help="Where each run keeps its per-epoch training state [env CNNBENCH_CHECKPOINTS]: local (beside the "
+                   "SQLite store, else ./checkpoints), mlflow (also uploaded to the run's MLflow artifacts after "
+                   "every epoch: a run re-queued to another machine resumes from it), or a directory all workers share.")
 def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
-        heartbeat_s, grace_s):
+        heartbeat_s, grace_s, checkpoints):
     """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md.
 
     A suite with a `search` section first tunes every variant with the same Optuna budget (only
@@ -108,16 +117,33 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
             _fail(f"--grace-period {grace_s} is shorter than --heartbeat {heartbeat_s}: every run would look dead; "
                   f"use a grace period of a few heartbeats")
         queue = QueueSettings(storage, heartbeat_interval=heartbeat_s, grace_period=grace_s)
+    _check_checkpoints(checkpoints)
     try:
         _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
-             queue)
+             queue, checkpoints)
     except KeyboardInterrupt:  # before any run was started, or while writing the report
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _check_checkpoints(where: str) -> None:
+    """``--checkpoints``: local, mlflow, or a directory that exists or can be made."""
+    from pathlib import Path
+
+    from cnnbench.checkpoint_store import LOCAL, MLFLOW
+
+    if where in (LOCAL, MLFLOW):
+        return
+    path = Path(where).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"--checkpoints {where}: not a directory cnnbench can write ({e.strerror}); give local, mlflow, or a "
+              f"directory every worker can write")
+
+
 def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
-         queue):
+         queue, checkpoints="local"):
     spec = _load(suite, overrides)
     if queue is not None and spec.adaptive:
         _fail(f"{suite}: adaptive seeds (seeds: {{min, max}}) need one process to read the verdicts between rounds, "
@@ -168,7 +194,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         with store_lock, events:
             outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
                                 command=_reproduce_command(suite, overrides, device, no_search),
-                                search=not no_search, storage=storage, queue=queue)
+                                search=not no_search, storage=storage, queue=queue, checkpoints=checkpoints)
     except StorageUnavailable as e:
         _fail(f"{e}\n(--storage takes postgresql://user@host/db, sqlite:///path.db or a journal file path)")
     except Interrupted as e:
@@ -209,7 +235,9 @@ def _publish(tracker, spec, path, parent: str | None, tracking_uri: str | None) 
     in_mlflow = f"suite run {parent}: report/" if parent is not None else "no suite run to attach it to"
     tracker.publish_report(exp_id, parent, experiment_note(spec.question, meta.get("answer", "–"),
                                                            f"Full report: `{path}` (MLflow: {in_mlflow})."), files)
-    ui = "cnnbench ui" + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
+    from cnnbench import redact
+
+    ui = "cnnbench ui" + (f" --tracking-uri {redact.text(tracking_uri)}" if tracking_uri else "")
     click.echo(f"report: {path} (also in MLflow, {in_mlflow})")
     click.echo(f"browse: {ui}  → http://127.0.0.1:5000/#/experiments/{exp_id}/runs?{UI_VIEW}")
 
@@ -329,7 +357,9 @@ def ui(tracking_uri, host, port):
 
     uri = resolve_uri(tracking_uri)
     exe = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    click.echo(f"MLflow UI for {uri} at http://{host}:{port}/#/experiments?{UI_VIEW}  (Ctrl-C to stop)")
+    from cnnbench import redact
+
+    click.echo(f"MLflow UI for {redact.text(uri)} at http://{host}:{port}/#/experiments?{UI_VIEW}  (Ctrl-C to stop)")
     os.execv(exe, [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 
 

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnbench import redact
 from cnnbench.tracking import open_racing_schema, sqlite_path
 
 JOURNAL_NAME = "optuna.journal"
@@ -44,7 +45,8 @@ def open_storage(url: str):
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/OS errors: all mean "cannot open it"
-        raise StorageUnavailable(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}") from None
+        raise StorageUnavailable(f"cannot open the Optuna storage {redact.text(url)}: {type(e).__name__}: "
+                                 f"{redact.text(str(e))}") from None
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def open_shared_storage(settings: QueueSettings):
     try:
         return open_racing_schema(open_store)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy errors: all mean "cannot open it"
-        raise StorageUnavailable(f"cannot open the Optuna storage {settings.url}: {type(e).__name__}: {e}") from None
+        raise StorageUnavailable(f"cannot open the Optuna storage {redact.text(settings.url)}: {type(e).__name__}: "
+                                 f"{redact.text(str(e))}") from None
 
 
 def stale_callback(storage) -> StaleTrials | None:

@@ -12,22 +12,15 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import yaml
 
 from cnnbench import __version__
+from cnnbench.checkpoint_store import LOCAL, CheckpointStore
 from cnnbench.checkpoints import CheckpointError
 from cnnbench.config import RunSpec, Suite, flatten, plan, source_of
 from cnnbench.interrupts import Interrupted, interruptible, raise_if_interrupted
-from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, TrackingLost, sqlite_path, worker_id
-
-
-def checkpoint_dir(tracking_uri: str) -> Path:
-    """Where runs keep their per-epoch training state: ``checkpoints/`` beside a SQLite store, else
-    in the current directory (a worker's own disk when the store is a server or a database)."""
-    db = sqlite_path(tracking_uri)
-    return db.parent / "checkpoints" if db is not None else Path("checkpoints").resolve()
+from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, BufferedRun, Tracker, TrackingLost, worker_id
 
 
 class Events:
@@ -78,6 +71,7 @@ def run_suite(
     search: bool = True,
     storage: str | None = None,
     queue=None,
+    checkpoints: str = LOCAL,
 ) -> SuiteOutcome:
     """Tune each variant (when the suite has a ``search`` and ``search`` is true), then run every planned
     (variant, seed) not already done; ``command`` is recorded as the way to reproduce.
@@ -85,10 +79,11 @@ def run_suite(
     ``storage``: the Optuna storage URL or journal path (default: a journal beside the MLflow store).
     ``queue``: a :class:`cnnbench.workqueue.QueueSettings` — this process is one of possibly many
     workers sharing the suite's runs through that RDB storage (:func:`run_worker`).
+    ``checkpoints``: where per-epoch training state goes (:mod:`cnnbench.checkpoint_store`).
     """
     if queue is not None:
         return run_worker(suite, tracker, queue, data_dir=data_dir, device=device, events=events, command=command,
-                          search=search)
+                          search=search, checkpoints=checkpoints)
     from cnnbench.environment import capsule
 
     events = events or Events()
@@ -120,6 +115,7 @@ def run_suite(
         outcome.reused = len(specs) - len(todo)
         events.suite_start(suite, specs, outcome.reused)
         side = SideBySide(suite)
+        store = CheckpointStore(checkpoints, tracker, suite.name, exp_id)
         seeds, counts = suite.seed_list(), suite.looks().counts
         index = first = 0
         for k, count in enumerate(counts):  # one round for a fixed seed list; adaptive: until decided
@@ -128,7 +124,7 @@ def run_suite(
                 events.run_start(spec, index, len(todo))
                 index += 1
                 status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events,
-                                                    upstream, checkpoint_dir(tracker.uri) / suite.name, side=side)
+                                                    upstream, store, side=side)
                 outcome.counts[status] += 1
                 events.run_end(spec, status, metrics, message)
             first = count
@@ -198,7 +194,8 @@ def _close_parent(tracker: Tracker, parent: str, counts: Counter, reused: int, w
 
 
 def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None = None, device: str | None = None,
-               events: Events | None = None, command: str | None = None, search: bool = True) -> SuiteOutcome:
+               events: Events | None = None, command: str | None = None, search: bool = True,
+               checkpoints: str = LOCAL) -> SuiteOutcome:
     """One worker of a shared queue (:mod:`cnnbench.workqueue`): help with the searches, then pop and run
     (variant, seed) runs until none is waiting or running. Interrupting a worker puts its run back in the
     queue (its MLflow run ends KILLED); the others go on. ``outcome.counts`` are this worker's runs."""
@@ -240,7 +237,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     queued = len({t.user_attrs.get("plan_key") for t in queue.study.get_trials(deepcopy=False)} - {None})
     outcome.reused = len(specs) - queued
     events.suite_start(suite, specs, outcome.reused)
-    checkpoints = checkpoint_dir(tracker.uri) / suite.name
+    store = CheckpointStore(checkpoints, tracker, suite.name, exp_id)
     while True:
         raise_if_interrupted()
         trial = queue.pop()
@@ -255,7 +252,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
             queue.study.tell(trial, state=TrialState.FAIL)
             continue
         status = _work_on(trial, spec, queue, by_key, tracker, exp_id, parent, env, data_dir, device, events,
-                          upstream, checkpoints, sum(outcome.counts.values()), queued)
+                          upstream, store, sum(outcome.counts.values()), queued)
         if status is not None:
             outcome.counts[status] += 1
 
@@ -268,7 +265,8 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
 
 
 def _work_on(trial, spec: RunSpec, queue, by_key: dict, tracker: Tracker, exp_id: str, parent: str, env: dict,
-             data_dir, device, events: Events, upstream, checkpoints: Path, index: int, total: int) -> str | None:
+             data_dir, device, events: Events, upstream, checkpoints: CheckpointStore, index: int,
+             total: int) -> str | None:
     """Run one popped queue trial while its heartbeat beats; returns the run's status, or None when the
     trial went back to the queue (its source/teacher is still running elsewhere)."""
     from optuna.exceptions import UpdateFinishedTrialError
@@ -397,15 +395,16 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
 
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
-             events: Events, upstream=None, checkpoints: Path | None = None,
+             events: Events, upstream=None, checkpoints: CheckpointStore | None = None,
              started=None, side=None) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message).
     ``started(run_id)`` is called once its MLflow run exists (a shared queue notes it on the trial);
     ``side`` (:class:`cnnbench.sidebyside.SideBySide`) keeps the trained model for the timing protocol.
     The machine's load average and CPU steal over the run are recorded with it.
 
-    Training state is checkpointed per epoch in ``checkpoints/<fingerprint>.pt``: kept when the run
-    is interrupted (the next ``run`` continues from it), removed once the run has an outcome."""
+    Training state is checkpointed per epoch in ``checkpoints`` (:class:`CheckpointStore`): kept when the
+    run is interrupted (the next ``run``, on this machine or — travelling — another, continues from it),
+    removed once the run has an outcome."""
     from cnnbench import data as datamod
     from cnnbench import devices, techniques
     from cnnbench.deployment import measure_deployed
@@ -466,11 +465,15 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         else:
             context = techniques.TrainingContext(weights, models, split.data, device)
             losses = [f for t in techniques.active(exp, "training") if (f := t.loss(exp, context)) is not None]
-            ckpt = checkpoints / f"{spec.fingerprint}.pt" if checkpoints is not None else None
-            if ckpt is not None and ckpt.exists():
-                tracker.log(run_id, tags={"cnnbench.resumed_from": str(ckpt)})
+            ckpt = None
+            if checkpoints is not None:
+                ckpt, resumed = checkpoints.open(spec.fingerprint, run_id)
+                if resumed:
+                    tracker.log(run_id, tags=resumed)
             result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch),
                            loss_fn=losses[0] if losses else None, checkpoint=ckpt)
+            if ckpt is not None and ckpt.on_saved is not None:  # what travelling checkpoints cost this run
+                result.metrics["checkpoint_upload_s"] = ckpt.on_saved.seconds
         measure_deployed(result, exp, split, device)  # test a compressed model; inference metrics of every run
         if upstream is not None and result.status == "finished":
             upstream.save(spec.variant, spec.seed, run_id, result.model)
@@ -486,7 +489,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         return "skipped", {}, str(e)
     except Exception as e:  # noqa: BLE001 - any error in a run is recorded, and the suite goes on
         if checkpoints is not None and not isinstance(e, CheckpointError):  # a refused one stays for the user
-            (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
+            checkpoints.discard(spec.fingerprint, run_id)
         message = f"{type(e).__name__}: {e}"
         buffered.flush(tags={"cnnbench.status": "failed", "cnnbench.reason": message[:5000]})
         tracker.log_artifacts(run_id, {"traceback.txt": traceback.format_exc(), "config.yaml": config_yaml,
@@ -508,7 +511,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     tracker.log_artifacts(run_id, artifacts)
     tracker.end_run(run_id, "FINISHED")
     if checkpoints is not None:  # only once the result is recorded: a lost tracking server leaves it for the redo
-        (checkpoints / f"{spec.fingerprint}.pt").unlink(missing_ok=True)
+        checkpoints.finished(spec.fingerprint, run_id)
     if side is not None:
         side.keep(spec, run_id, result, device, tuple(split.data.shape))
     return result.status, result.metrics, result.message

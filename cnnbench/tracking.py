@@ -24,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 
+from cnnbench import redact
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
 ROLE_SUITE, ROLE_RUN, ROLE_SEARCH, ROLE_TRIAL = "suite", "run", "search", "trial"
@@ -155,33 +157,65 @@ def exclusive_sqlite(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _check_server(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any training, when a tracking server does not answer its health check."""
+def _check_server(uri: str, shown: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when a tracking server does not answer its health check
+    (``shown``: the URI with its credentials masked, for the message)."""
     import requests
 
-    url = uri.rstrip("/") + "/health"
     try:
-        requests.get(url, timeout=timeout_s).raise_for_status()
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as e:
         raise TrackingUnavailable(
-            f"the MLflow tracking server at {uri} does not answer ({url}: {type(e).__name__}); start it "
-            f"(mlflow server --backend-store-uri … --port …) or check --tracking-uri / MLFLOW_TRACKING_URI") from None
+            f"the MLflow tracking server at {shown} does not answer ({shown.rstrip('/')}/health: {type(e).__name__}); "
+            f"start it (mlflow server --backend-store-uri … --port …) or check --tracking-uri / MLFLOW_TRACKING_URI"
+        ) from None
+
+
+_AUTH_HELP = {
+    401: "401 Unauthorized: it did not accept the credentials sent (none, or a wrong user name or password). Give "
+         "them as MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or [mlflow] mlflow_tracking_username / "
+         "mlflow_tracking_password in ~/.mlflow/credentials), not on the command line (README: Scale out)",
+    403: "403 Forbidden: the user it logged in as may not do this. An admin grants EDIT on the suite's experiment, or "
+         "every worker logs in as the user that created it (README: Scale out)",
+}
+
+
+def _refusal(exc: BaseException, shown: str) -> str | None:
+    """The message for a tracking server that refused the credentials (401) or the request (403), else None."""
+    from mlflow.exceptions import MlflowException
+
+    while exc is not None and not isinstance(exc, MlflowException):
+        exc = exc.__cause__ or exc.__context__
+    if exc is None:
+        return None
+    status = exc.get_http_status_code()
+    return f"the MLflow tracking server at {shown} refused cnnbench's request with {_AUTH_HELP[status]}" \
+        if status in _AUTH_HELP else None
+
+
+class TrackingRefused(TrackingLost):
+    """The tracking server refused a request mid-suite (401/403): handled as a lost store — the run in flight
+    keeps its checkpoint, the suite stops with exit 3 — with the reason and the fix in the message."""
 
 
 class Tracker:
     """A thin, timed wrapper around ``MlflowClient`` for one tracking URI."""
 
     def __init__(self, uri: str):
-        self.uri = uri  # as the user gave it (shown in reports)
+        self._uri = uri  # as the user gave it, credentials included: only for connecting
+        self.uri = redact.text(uri)  # what is shown (messages, reports): credentials masked
         self.seconds = 0.0  # time spent inside MLflow calls
         t0 = time.perf_counter()
+        # MLflow prints "View run … at <tracking URI>" as runs end: cnnbench shows its own pointer to the UI
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # cnnbench draws its own progress
         from mlflow import MlflowClient
 
         for name in ("mlflow", "alembic"):  # after the import: mlflow configures its loggers on import
             logging.getLogger(name).setLevel(logging.WARNING)
 
         if uri.startswith(("http://", "https://")):
-            _check_server(uri)  # MLflow's own client retries for minutes before giving up
+            _check_server(uri, self.uri)  # MLflow's own client retries for minutes before giving up
         def open_store():
             client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here
             client.search_experiments(max_results=1)  # opens the store; fails fast if unreachable
@@ -190,8 +224,8 @@ class Tracker:
         try:
             self.client = open_racing_schema(open_store)
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds here; all mean the same to the user
-            raise TrackingUnavailable(f"cannot open the MLflow tracking store at {uri}: {type(e).__name__}: "
-                                      f"{str(e)[:500]}") from None
+            raise TrackingUnavailable(_refusal(e, self.uri) or f"cannot open the MLflow tracking store at {self.uri}: "
+                                      f"{type(e).__name__}: {redact.text(str(e))[:500]}") from None
         self.seconds += time.perf_counter() - t0
 
     def _timed(self, fn, *args, **kwargs):
@@ -199,9 +233,11 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            if (refused := _refusal(e, self.uri)) is not None:
+                raise TrackingRefused(refused) from None
             if _connection_error(e):
                 raise TrackingLost(f"the MLflow tracking store at {self.uri} stopped answering ({type(e).__name__}: "
-                                   f"{str(e)[:300]})") from e
+                                   f"{redact.text(str(e))[:300]})") from e
             raise
         finally:
             self.seconds += time.perf_counter() - t0
@@ -220,13 +256,13 @@ class Tracker:
                 if question and not exp.tags.get(NOTE_TAG):
                     missing[NOTE_TAG] = experiment_note(question)
                 for key, value in missing.items():
-                    self._timed(self.client.set_experiment_tag, exp.experiment_id, key, value)
+                    self._timed(self.client.set_experiment_tag, exp.experiment_id, key, redact.text(value))
             return exp.experiment_id
         if not create:
             return None
         try:
-            return self._timed(self.client.create_experiment, name,
-                               tags=EXPERIMENT_KIND | ({NOTE_TAG: experiment_note(question)} if question else {}))
+            return self._timed(self.client.create_experiment, name, tags=EXPERIMENT_KIND | (
+                {NOTE_TAG: redact.text(experiment_note(question))} if question else {}))
         except MlflowException:
             exp = self._timed(self.client.get_experiment_by_name, name)
             if exp is None:
@@ -234,7 +270,7 @@ class Tracker:
             return exp.experiment_id
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        tags = dict(tags)
+        tags = redact.value(dict(tags))
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self._timed(self.client.create_run, experiment_id, tags=tags, run_name=name)
@@ -252,7 +288,12 @@ class Tracker:
         self.log_entities(run_id, m, p, t)
 
     def log_entities(self, run_id: str, metrics: list, params: list = (), tags: list = ()) -> None:
-        """``log_batch`` in as few calls as MLflow's caps allow (≤ 100 params+tags, ≤ 1,000 entities a call)."""
+        """``log_batch`` in as few calls as MLflow's caps allow (≤ 100 params+tags, ≤ 1,000 entities a call);
+        secrets in param and tag values are masked."""
+        from mlflow.entities import Param, RunTag
+
+        params = [Param(p.key, redact.text(p.value)) for p in params]
+        tags = [RunTag(t.key, redact.text(t.value)) for t in tags]
         keyed = [("param", x) for x in params] + [("tag", x) for x in tags]
         calls = max(math.ceil(len(metrics) / 900), math.ceil(len(keyed) / 100), 1)
         for i in range(calls):
@@ -266,25 +307,53 @@ class Tracker:
             )
 
     def log_artifacts(self, run_id: str, files: dict[str, str | bytes | dict | list]) -> None:
-        """Write ``{relative name: content}`` to a temp dir and upload it in one call (JSON for dicts/lists)."""
+        """Write ``{relative name: content}`` to a temp dir and upload it in one call (JSON for dicts/lists);
+        secrets in text are masked (bytes — plots, weights — go as they are)."""
         with tempfile.TemporaryDirectory() as tmp:
             for name, content in files.items():
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if isinstance(content, (dict, list)):
-                    path.write_text(json.dumps(content, indent=2, sort_keys=True))
+                    path.write_text(json.dumps(redact.value(content), indent=2, sort_keys=True))
                 elif isinstance(content, bytes):
                     path.write_bytes(content)
                 else:
-                    path.write_text(content)
+                    path.write_text(redact.text(content))
             self._timed(self.client.log_artifacts, run_id, tmp)
 
     def publish_report(self, experiment_id: str, run_id: str | None, description: str, files: dict[str, bytes]) -> None:
         """The rendered report beside the runs: the experiment's description (:func:`experiment_note`) and
         the report's ``files`` (name → content) as artifacts ``report/…`` of the suite run ``run_id``."""
-        self._timed(self.client.set_experiment_tag, experiment_id, NOTE_TAG, description)
+        self._timed(self.client.set_experiment_tag, experiment_id, NOTE_TAG, redact.text(description))
         if run_id is not None:
             self.log_artifacts(run_id, {f"report/{name}": content for name, content in files.items()})
+
+    def log_file(self, run_id: str, local_path: str | Path, artifact_dir: str) -> None:
+        """Upload one file as it is (a checkpoint: binary, not masked) into ``artifact_dir`` of the run."""
+        self._timed(self.client.log_artifact, run_id, str(local_path), artifact_dir)
+
+    def delete_tags(self, run_id: str, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._timed(self.client.delete_tag, run_id, key)
+
+    def delete_artifacts(self, run_id: str, artifact_dir: str) -> bool:
+        """Remove ``artifact_dir`` of a run where its artifact store can delete (local paths, a server that
+        proxies artifacts); False where it cannot (the files stay)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        run = self._timed(self.client.get_run, run_id)
+        try:
+            repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=absolute_uri(self._uri))
+            self._timed(repo.delete_artifacts, artifact_dir)
+        except (MlflowException, NotImplementedError, OSError):
+            return False
+        return True
+
+    def runs_of(self, experiment_id: str, fingerprint: str) -> list:
+        """Every attempt (any status) of the run with ``fingerprint``."""
+        return self.search(experiment_id, f"tags.`cnnbench.fingerprint` = '{fingerprint}' and "
+                                          f"tags.`cnnbench.role` = '{ROLE_RUN}'")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """``status``: FINISHED, FAILED or KILLED."""
@@ -315,6 +384,9 @@ class Tracker:
             if r.data.tags.get("cnnbench.status") in DONE_STATUSES:
                 out[r.data.tags["cnnbench.fingerprint"]] = r.info.run_id
         return out
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return self._timed(self.client.get_run, run_id).data.tags
 
     def run_status(self, run_id: str) -> str:
         """RUNNING, FINISHED, FAILED or KILLED."""
@@ -372,7 +444,7 @@ class Tracker:
 
         Path(dst_dir).mkdir(parents=True, exist_ok=True)
         return self._timed(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=dst_dir,
-                           tracking_uri=absolute_uri(self.uri))
+                           tracking_uri=absolute_uri(self._uri))
 
     def download_json(self, run_id: str, name: str) -> Any:
         path = self._timed(self.client.download_artifacts, run_id, name, tempfile.mkdtemp())

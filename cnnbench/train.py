@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cnnbench import devices, techniques
 from cnnbench.augment import BatchAugment
-from cnnbench.checkpoints import load_training_state, save_training_state
+from cnnbench.checkpoints import TrainingCheckpoint, load_training_state, save_training_state
 from cnnbench.config import Experiment
 from cnnbench.data import Split
 from cnnbench.evaluation import batches, evaluate, index_device, normalizer, test_metrics
@@ -113,7 +113,7 @@ def train(
     evaluate_test: bool = True,
     model: torch.nn.Module | None = None,
     loss_fn: Callable | None = None,
-    checkpoint: Path | None = None,
+    checkpoint: TrainingCheckpoint | Path | None = None,
 ) -> RunResult:
     """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
 
@@ -123,10 +123,12 @@ def train(
     (atomically) after every epoch, and a run that finds one continues after its last finished epoch
     with the same result as an uninterrupted run.
     """
+    if isinstance(checkpoint, Path):
+        checkpoint = TrainingCheckpoint(checkpoint)
     check_supported(exp, device)
     with run_settings(exp, device):
         run = _setup(exp, seed, split, device, model, loss_fn)
-        if checkpoint is not None and checkpoint.exists():
+        if checkpoint is not None and checkpoint.path.exists():
             _resume(run, checkpoint, on_epoch)
         _loop(run, on_epoch, on_batch, checkpoint)
         _final_metrics(run)
@@ -209,10 +211,10 @@ def _setup(exp: Experiment, seed: int, split: Split, device: torch.device, model
         step_flops=step_flops, result=RunResult(status="finished", model=model))
 
 
-def _resume(run: _Run, checkpoint: Path, on_epoch) -> None:
+def _resume(run: _Run, checkpoint: TrainingCheckpoint, on_epoch) -> None:
     """Continue after the last finished epoch of ``checkpoint``: weights, optimizer, scheduler, scaler,
     every RNG and the loop's counters, so the run ends as an uninterrupted one would."""
-    state = load_training_state(checkpoint)
+    state = load_training_state(checkpoint.path, owner=checkpoint.owner)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -234,16 +236,18 @@ def _resume(run: _Run, checkpoint: Path, on_epoch) -> None:
             on_epoch(record)
 
 
-def _save(run: _Run, checkpoint: Path, epoch: int) -> None:
+def _save(run: _Run, checkpoint: TrainingCheckpoint, epoch: int) -> None:
     rng = {"order": run.order_gen.get_state(), "augment": run.augment_gen.get_state(), "torch": torch.get_rng_state(),
            "device": devices.rng_state(run.device)}  # CUDA, XLA, MPS: dropout's generator on the device
-    save_training_state(checkpoint, epoch=epoch, model=_cpu(run.model.state_dict()),
+    save_training_state(checkpoint.path, checkpoint.owner, epoch=epoch, model=_cpu(run.model.state_dict()),
                         optimizer=_cpu(run.optimizer.state_dict()), scheduler=run.scheduler.state_dict(),
                         scaler=run.scaler.state_dict() if run.scaler is not None else None, rng=rng,
                         loop=run.loop_state())
+    if checkpoint.on_saved is not None:
+        checkpoint.on_saved(checkpoint.path, epoch)
 
 
-def _loop(run: _Run, on_epoch, on_batch, checkpoint: Path | None) -> None:
+def _loop(run: _Run, on_epoch, on_batch, checkpoint: TrainingCheckpoint | None) -> None:
     exp, result, device = run.exp, run.result, run.device
     target, patience = exp.train.target_accuracy, exp.train.early_stopping_patience
     for epoch in range(run.first_epoch, exp.train.epochs + 1):

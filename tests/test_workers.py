@@ -58,13 +58,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None):
-    """``mlflow server`` as the README's recipe starts it; returns (process, URL) once /health answers."""
+def start_mlflow_server(backend: str, artifacts: Path, port: int | None = None, *extra: str, env: dict | None = None):
+    """``mlflow server`` as the README's recipe starts it (``extra`` arguments, e.g. ``--app-name basic-auth``,
+    and ``env``); returns (process, URL) once /health answers."""
     port = port or _free_port()
     exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", backend, "--artifacts-destination",
-                             str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     import requests
 

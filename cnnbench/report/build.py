@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cnnbench import redact
 from cnnbench.config import Suite
 from cnnbench.report.plots import (
     compression_plots,
@@ -157,7 +158,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         ]
     path = reports_dir / f"{suite.name}.md"
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
+    tmp.write_text(redact.text("\n".join(lines)))  # nothing it quotes (URIs, reasons, commands) carries a secret
     tmp.replace(path)
     write_index(reports_dir)
     return path
