@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -308,3 +309,67 @@ def test_a_run_killed_on_machine_a_finishes_on_machine_b_from_its_travelled_chec
     killed = client.get_run(run.info.run_id)  # the uploaded copies and their tags are gone
     assert not [t for t in killed.data.tags if t.startswith("cnnbench.checkpoint.")]
     assert not client.list_artifacts(run.info.run_id, "checkpoint")
+
+
+# ───────────────────────────── PostgreSQL with passwords, for real ─────────────────────────────
+
+ROLE_SECRET = "R0le-S3cret-4471"
+
+
+@pytest.fixture(scope="module")
+def password_postgres():
+    """A private PostgreSQL server that checks passwords (scram-sha-256 for every connection; the machine's
+    shared one trusts 127.0.0.1), with a role ``cnnbench`` of its own (not a superuser) owning database
+    ``queue``; yields its port. Started as the ``postgres`` user when the tests run as root (initdb refuses root)."""
+    bindir = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() or "/nonexistent")
+    if not (bindir / "initdb").exists():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"PostgreSQL's initdb not found in {bindir}")
+    root = Path(tempfile.mkdtemp(prefix="cnnbench-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    (root / "superpw").write_text("Sup3r-only-for-setup\n")
+    if as_postgres:
+        shutil.chown(root, "postgres")
+        shutil.chown(root / "superpw", "postgres")
+    port = _free_port()
+
+    def pg(*args):
+        return subprocess.run([*as_postgres, *args], capture_output=True, text=True, check=True, timeout=120)
+
+    pg(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth=scram-sha-256",
+       f"--pwfile={root / 'superpw'}")
+    pg(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start", "-o",
+       f"-p {port} -k {root} -c listen_addresses=127.0.0.1")
+    admin = {**os.environ, "PGPASSWORD": "Sup3r-only-for-setup"}
+    for sql in (f"CREATE ROLE cnnbench LOGIN PASSWORD '{ROLE_SECRET}'", "CREATE DATABASE queue OWNER cnnbench"):
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres", "-c", sql],
+                       env=admin, capture_output=True, check=True, timeout=60)
+    yield port
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                   capture_output=True, timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_workers_reach_postgresql_as_their_own_role_with_the_password_in_pgpass_only(password_postgres, workdir):
+    """The README's recipe: role ``cnnbench`` (no superuser), its password in ``~/.pgpass`` and nowhere on the
+    command line; without it the server refuses and cnnbench says so, exit 2, before anything runs."""
+    storage = f"postgresql://cnnbench@127.0.0.1:{password_postgres}/queue"
+    suite = _suite(workdir / "roles.yaml", "roles", seeds=1, epochs=1)
+    home = workdir / "home"
+    home.mkdir()
+    env = {k: v for k, v in ENV.items() if k != "PGPASSWORD"} | {"HOME": str(home)}
+    refused = subprocess.run([sys.executable, "-m", "cnnbench", "run", suite, "-q", "--no-report", "--storage", storage,
+                              *FAST_HEARTBEAT], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "cannot open the Optuna storage" in refused.stderr and "password" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    (home / ".pgpass").write_text(f"127.0.0.1:{password_postgres}:*:cnnbench:{ROLE_SECRET}\n")
+    (home / ".pgpass").chmod(0o600)  # libpq ignores a .pgpass others can read
+    ran = subprocess.run([sys.executable, "-m", "cnnbench", "run", suite, "-q", "--storage", storage, *FAST_HEARTBEAT],
+                         cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "roles: 2 finished" in ran.stdout
+    client = MlflowClient("sqlite:///mlflow.db")
+    [parent] = client.search_runs([client.get_experiment_by_name("roles").experiment_id], "tags.`cnnbench.role` = 'suite'")
+    assert parent.data.params["optuna_storage"] == storage  # nothing to mask: the password never was in it
