@@ -360,7 +360,8 @@ def ui(tracking_uri, host, port):
     from cnnbench import redact
 
     click.echo(f"MLflow UI for {redact.text(uri)} at http://{host}:{port}/#/experiments?{UI_VIEW}  (Ctrl-C to stop)")
-    os.execv(exe, [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+    # the store through MLflow's environment variable, not argv: a password in it stays out of `ps`
+    os.execve(exe, [exe, "ui", "--host", host, "--port", str(port)], {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
 
 
 @main.command()

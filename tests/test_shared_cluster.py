@@ -373,3 +373,34 @@ def test_workers_reach_postgresql_as_their_own_role_with_the_password_in_pgpass_
     client = MlflowClient("sqlite:///mlflow.db")
     [parent] = client.search_runs([client.get_experiment_by_name("roles").experiment_id], "tags.`cnnbench.role` = 'suite'")
     assert parent.data.params["optuna_storage"] == storage  # nothing to mask: the password never was in it
+
+
+@pytest.mark.slow
+def test_the_ui_gets_a_store_url_with_a_password_outside_its_command_line(new_database, workdir):  # noqa: F811
+    """`cnnbench ui --tracking-uri postgresql://…:PW@…`: the UI serves that store, the password is masked in
+    what cnnbench prints and absent from the process's command line (which any user can read in `ps`)."""
+    store = new_database().replace("postgres@", f"postgres:{PG_SECRET}@")
+    MlflowClient(store).create_experiment("visible")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "ui", "--tracking-uri", store, "--port", str(port)],
+                            cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                found = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                      json={"max_results": 10}, timeout=2)
+                if found.ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        else:
+            pytest.fail("cnnbench ui did not answer within 120 s")
+        assert "visible" in [e["name"] for e in found.json()["experiments"]]
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # the same process: execve replaced it
+        assert b"mlflow" in cmdline and PG_SECRET.encode() not in cmdline
+    finally:
+        stop(proc)
+    out = proc.stdout.read()
+    assert "postgres:***@127.0.0.1" in out and PG_SECRET not in out
