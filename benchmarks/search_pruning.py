@@ -8,7 +8,10 @@
    and of MLflow per trial (from the tracker's timed calls in the real searches above).
 
     python benchmarks/search_pruning.py [--trials 24] [--epochs 4] [--dataset mnist] [--limit-train 10000]
-        [--pruners median,hyperband,successive_halving]
+        [--pruners median:pruner_startup_trials=2,successive_halving] [--sampler-seed 0]
+
+A pruner is ``name[:setting=value…]`` (settings of the suite's ``search:`` block). cnnbench's default pruner
+settings are always measured; the last line is theirs.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from cnnbench.search import tune_variant
 from cnnbench.tracking import Tracker
 
 
+def default_pruner() -> str:
+    """cnnbench's default pruner settings, as a ``name:setting=value…`` spec."""
+    d = SearchConfig()
+    return f"{d.pruner}:pruner_startup_trials={d.pruner_startup_trials}"
+
+
 def make_suite(args, pruner: str) -> Suite:
+    name, *settings = pruner.split(":")
     exp = Experiment.model_validate({
         "data": {"dataset": args.dataset, "batch_size": 128, "val_fraction": 0.1, "limit_train": args.limit_train},
         "model": {"name": "lenet5"},
@@ -37,11 +47,12 @@ def make_suite(args, pruner: str) -> Suite:
         "device": "cpu",
     })
     search = SearchConfig.model_validate({
-        "trials": args.trials, "sampler": "tpe", "sampler_seed": 0, "pruner": pruner,
+        "trials": args.trials, "sampler": "tpe", "sampler_seed": args.sampler_seed, "pruner": name,
+        **{k: float(v) if "." in v else int(v) for k, v in (kv.split("=") for kv in settings)},
         "space": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
                   "optimizer.momentum": {"type": "float", "low": 0.0, "high": 0.99}},
     })
-    suite = Suite(name=f"bench_{pruner}", question="pruning", base=exp, variants={"sgd": {}}, baseline="sgd",
+    suite = Suite(name=f"bench_{name}", question="pruning", base=exp, variants={"sgd": {}}, baseline="sgd",
                   search=search)
     suite.experiments["sgd"] = exp
     suite.search_spaces["sgd"] = dict(search.space)
@@ -54,8 +65,9 @@ def run_search(args, pruner: str, tmp: Path) -> dict:
     from cnnbench import data as datamod
 
     suite = make_suite(args, pruner)
-    tracker = Tracker(f"sqlite:///{tmp}/mlflow_{pruner}.db")
-    storage = open_storage(str(tmp / f"{pruner}.journal"))
+    label = pruner.replace(":", "_").replace("=", "")
+    tracker = Tracker(f"sqlite:///{tmp}/mlflow_{label}.db")
+    storage = open_storage(str(tmp / f"{label}.journal"))
     exp_id = tracker.experiment_id(suite.name)
     parent = tracker.start_run(exp_id, "bench", {"cnnbench.suite": suite.name, "cnnbench.role": "suite"})
     mlflow_before = tracker.seconds
@@ -99,18 +111,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--limit-train", type=int, default=10000)
-    ap.add_argument("--pruners", default="median", help="comma-separated pruners to compare with no pruning")
+    ap.add_argument("--pruners", default="", help="comma-separated pruners to compare with no pruning, besides the "
+                                                 "default (name[:setting=value…])")
+    ap.add_argument("--sampler-seed", type=int, default=0)
     args = ap.parse_args()
+    default = default_pruner()
+    candidates = [default] + [p for p in args.pruners.split(",") if p and p != default]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = run_search(args, "none", tmp)
-        pruned_runs = {p: run_search(args, p, tmp) for p in args.pruners.split(",")}
+        pruned_runs = {p: run_search(args, p, tmp) for p in candidates}
         journal = storage_overhead(str(tmp / "overhead.journal"), 50, args.epochs)
         sqlite = storage_overhead(f"sqlite:///{tmp}/overhead.db", 50, args.epochs)
     print(f"search: {args.trials} trials × ≤{args.epochs} epochs, LeNet-5 on {args.dataset} "
-          f"({args.limit_train} training images), TPE seed 0, lr (log) + momentum")
+          f"({args.limit_train} training images), TPE seed {args.sampler_seed}, lr (log) + momentum")
     for label, r in (("none", full), *pruned_runs.items()):
-        print(f"  {label:<18}: best val acc {100 * r['best']:.2f}%, {r['epochs']} epochs trained, {r['wall']:.1f} s, "
+        print(f"  {label:<40}: best val acc {100 * r['best']:.2f}%, {r['epochs']} epochs trained, {r['wall']:.1f} s, "
               f"trials {r['counts']}, MLflow {r['mlflow_per_trial_ms']:.1f} ms/trial")
     for label, pruned in pruned_runs.items():
         saved = 1 - pruned["epochs"] / full["epochs"]
@@ -119,6 +135,9 @@ def main() -> None:
               f"best validation accuracy gap {gap_pp:+.2f} pp (no pruning − pruning; target ≤ 0.3 pp)")
     print(f"storage per trial (ask + {args.epochs} reports + tell), median of 50: journal {journal:.1f} ms, "
           f"SQLite {sqlite:.1f} ms")
+    d = pruned_runs[default]
+    print(f"default pruner: {100 * (1 - d['epochs'] / full['epochs']):.0f}% epochs saved, "
+          f"best-val gap {100 * (full['best'] - d['best']):.2f} pp")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Training throughput of cnnbench's loop vs a hand-written loop and vs the conventional DataLoader loop.
 
-LeNet-5 on real MNIST, batch 128, CPU, in one process with alternating rounds (machines are
-noisy: only ratios measured side by side mean anything). Every contender trains the same number
-of images per round, timed around the training steps only. Prints medians and the min–max spread.
+LeNet-5 on real MNIST, batch 128, on the CPU (or ``--device cuda``), in one process with alternating rounds
+(machines are noisy: only ratios measured side by side mean anything). Every contender trains the same
+number of images per round, timed around the training steps only, the device synchronized before the clock
+stops. Prints medians and the min–max spread.
 
-    python benchmarks/throughput.py [--rounds 5] [--images 12800] [--data-dir ../shared/data]
+    python benchmarks/throughput.py [--rounds 5] [--images 12800] [--data-dir ../shared/data] [--device cuda]
 
 Targets (issue 2): cnnbench ≥ 0.97× the hand-written loop; ≥ 2.2× the DataLoader loop.
 """
@@ -24,20 +25,26 @@ from cnnbench.models import MODELS
 from cnnbench.train import train
 
 
-def cnnbench_loop(exp: Experiment, split, seed: int) -> float:
-    result = train(exp, seed, split, torch.device("cpu"))
+def cnnbench_loop(exp: Experiment, split, seed: int, device: torch.device) -> float:
+    result = train(exp, seed, split, device)
     return result.metrics["train_throughput"]
 
 
-def hand_loop(ds, train_idx, images: int, bs: int, seed: int) -> float:
-    """What a careful person writes: slice in-memory uint8 tensors, normalize per batch."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hand_loop(ds, train_idx, images: int, bs: int, seed: int, device: torch.device) -> float:
+    """What a careful person writes: slice in-memory uint8 tensors (resident on the device), normalize per batch."""
     torch.manual_seed(seed)
-    model = MODELS.create("lenet5")
+    model = MODELS.create("lenet5").to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    mean, std = ds.mean_std
-    x_all, y_all = ds.train_x, ds.train_y
-    idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))][:images]
+    mean, std = (t.to(device) for t in ds.mean_std)
+    x_all, y_all = ds.train_x.to(device), ds.train_y.to(device)
+    idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))][:images].to(device)
     model.train()
+    _sync(device)
     t0 = time.perf_counter()
     for lo in range(0, images, bs):
         bi = idx[lo : lo + bs]
@@ -46,10 +53,11 @@ def hand_loop(ds, train_idx, images: int, bs: int, seed: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _sync(device)
     return images / (time.perf_counter() - t0)
 
 
-def dataloader_loop(root: str, images: int, bs: int, seed: int) -> float:
+def dataloader_loop(root: str, images: int, bs: int, seed: int, device: torch.device) -> float:
     """The conventional tutorial loop: torchvision MNIST + ToTensor + Normalize + DataLoader."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -58,12 +66,14 @@ def dataloader_loop(root: str, images: int, bs: int, seed: int) -> float:
     dataset = datasets.MNIST(root, train=True, download=False, transform=tf)
     loader = DataLoader(dataset, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
-    model = MODELS.create("lenet5")
+    model = MODELS.create("lenet5").to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     seen = 0
+    _sync(device)
     t0 = time.perf_counter()
     for xb, yb in loader:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -71,6 +81,7 @@ def dataloader_loop(root: str, images: int, bs: int, seed: int) -> float:
         seen += len(yb)
         if seen >= images:
             break
+    _sync(device)
     return seen / (time.perf_counter() - t0)
 
 
@@ -80,7 +91,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=12_800, help="training images per contender per round")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data-dir", default=None, help="default: $CNNBENCH_DATA_DIR or ./data")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     root = str(datamod.data_dir(args.data_dir))
     exp = Experiment.model_validate({
@@ -88,14 +101,14 @@ def main() -> None:
         "model": {"name": "lenet5"},
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
         "train": {"epochs": 1},
-        "device": "cpu",
+        "device": args.device,
     })
     split = datamod.split(datamod.load(exp.data, root), exp.data.val_fraction, exp.data.limit_train)
     full_split = datamod.split(split.data, exp.data.val_fraction)
     contenders = {
-        "cnnbench": lambda s: cnnbench_loop(exp, split, s),
-        "hand-written": lambda s: hand_loop(split.data, full_split.train_idx, args.images, args.batch_size, s),
-        "DataLoader": lambda s: dataloader_loop(root, args.images, args.batch_size, s),
+        "cnnbench": lambda s: cnnbench_loop(exp, split, s, device),
+        "hand-written": lambda s: hand_loop(split.data, full_split.train_idx, args.images, args.batch_size, s, device),
+        "DataLoader": lambda s: dataloader_loop(root, args.images, args.batch_size, s, device),
     }
     for fn in contenders.values():  # warm-up: imports, allocator, oneDNN primitives
         fn(100)
@@ -105,7 +118,8 @@ def main() -> None:
         for name in order:
             rates[name].append(contenders[name](r))
 
-    print(f"LeNet-5, MNIST, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"LeNet-5, MNIST, batch {args.batch_size}, {where}, {torch.get_num_threads()} threads, "
           f"{args.images} images × {args.rounds} rounds (torch {torch.__version__})")
     for name, values in rates.items():
         print(f"  {name:<13} median {statistics.median(values):8,.0f} img/s   (min {min(values):,.0f}, max {max(values):,.0f})")
