@@ -94,6 +94,18 @@ def mish() -> nn.Module:
     return nn.Mish(inplace=True)
 
 
+@ACTIVATIONS.register
+def sigmoid() -> nn.Module:
+    """Logistic sigmoid, the classic: saturates, and its slope is at most 1/4 (vanishing gradients in depth)."""
+    return nn.Sigmoid()
+
+
+@ACTIVATIONS.register
+def tanh() -> nn.Module:
+    """Hyperbolic tangent: zero-centred, but saturates like the sigmoid (slope at most 1)."""
+    return nn.Tanh()
+
+
 def conv_block(cin: int, cout: int, kernel: int, padding: int, norm: str, activation: str,
                num_groups: int = 4, stride: int = 1) -> list[nn.Module]:
     """conv → norm → activation; the conv has no bias when a norm follows it."""
