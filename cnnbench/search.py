@@ -125,10 +125,26 @@ def _counted(trial, trials=()) -> bool:
     from optuna.trial import TrialState
 
     finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    if not finished or trial.user_attrs.get("interrupted", False):
+    if not finished or trial.user_attrs.get("interrupted", False) or trial.user_attrs.get("surplus", False):
         return False
     return trial.state != TrialState.FAIL or not any(trial.number in t.system_attrs.get("retry_history", ())
                                                      for t in trials)
+
+
+def over_budget(study, trial, budget: int) -> bool:
+    """Whether ``trial``, just asked, is one too many: two workers that saw room for one more trial at the same
+    moment both ask, and the one the storage numbered later (numbers are assigned atomically) is ended unrun as
+    FAIL with ``surplus`` set — not counted, never trained."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    ahead = sum(1 for t in trials if t.number < trial.number
+                and (_counted(t, trials) or t.state in (TrialState.RUNNING, TrialState.WAITING)))
+    if ahead < budget:
+        return False
+    trial.set_user_attr("surplus", True)
+    study.tell(trial, state=TrialState.FAIL)
+    return True
 
 
 def _state_name(state) -> str:
@@ -167,6 +183,8 @@ def tune_variant(suite: Suite, variant: str, tracker: Tracker, exp_id: str, pare
                 time.sleep(POLL_S)  # the budget is taken: wait for the other workers' trials
                 continue
             trial = ask(study)  # pops a re-queued trial first
+            if shared and over_budget(study, trial, search.trials):
+                continue
             spec = RunSpec(suite.name, variant, TUNING_SEED_BASE, exp, study=name, trial=trial.number)
             events.trial_start(spec, done, search.trials)
             with heartbeat(study, trial):

@@ -162,6 +162,35 @@ def test_pruned_trials_are_recorded_with_the_epochs_they_saved(tmp_path):
     assert row["metrics.trials_pruned"] == 1 and row["metrics.epochs_saved_by_pruning"] == 3 - study.trials[1].user_attrs["epochs_run"]
 
 
+def test_two_workers_that_ask_for_the_last_trial_at_once_run_only_one(tmp_path):
+    """The race the budget check has with several workers: both saw 3 of 4 trials taken and asked. The trial the
+    storage numbered later is ended unrun (FAIL, ``surplus``) and not counted; a re-queued copy of a failed
+    trial still runs."""
+    from cnnbench.search import _counted, over_budget
+
+    study = optuna.create_study(storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/race.db"))
+    for _ in range(3):
+        trial = study.ask()
+        study.tell(trial, 0.5)
+    first, second = study.ask(), study.ask()  # worker A and worker B, at the same moment
+    assert not over_budget(study, first, 4)
+    assert over_budget(study, second, 4)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[4].state == TrialState.FAIL and trials[4].user_attrs["surplus"]
+    trials = study.get_trials(deepcopy=False)
+    assert sum(_counted(t, trials) for t in trials) == 3  # the surplus trial uses none of the budget
+
+    # worker A dies: its trial is failed and re-queued (Optuna's retry callback, as for stale heartbeats);
+    # the copy, numbered after the surplus trial, takes the failed one's place and runs
+    study.tell(first, state=TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.get_trials(deepcopy=False)[first.number])
+    copy = study.ask()
+    assert copy.number == 5 and not over_budget(study, copy, 4)
+    study.tell(copy, 0.7)
+    trials = study.get_trials(deepcopy=False)
+    assert sum(_counted(t, trials) for t in trials) == 4
+
+
 def test_search_on_the_local_postgresql(tmp_path):
     import psycopg  # the README's dev install brings it; a missing driver is a failure, not a skip
 

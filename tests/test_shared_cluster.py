@@ -370,7 +370,7 @@ def test_workers_reach_postgresql_as_their_own_role_with_the_password_in_pgpass_
                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "roles: 2 finished" in ran.stdout
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")  # absolute: MLflow caches stores per URI string
     [parent] = client.search_runs([client.get_experiment_by_name("roles").experiment_id], "tags.`cnnbench.role` = 'suite'")
     assert parent.data.params["optuna_storage"] == storage  # nothing to mask: the password never was in it
 
