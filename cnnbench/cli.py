@@ -170,7 +170,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         preload_data(spec, data_dir)
     except DataNotFoundError as e:
         _fail(str(e))
-    from cnnbench.tracking import StoreBusy, TrackingLost, exclusive_sqlite, resolve_uri
+    from cnnbench.tracking import StoreBusy, TrackingLost, TrackingRefused, exclusive_sqlite, resolve_uri
 
     store_lock = contextlib.ExitStack()  # released when the runs are done (or at exit, on any error)
     try:  # before the store is opened: two processes must not both create a fresh SQLite store
@@ -201,6 +201,10 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         click.echo(f"interrupted: runs in flight were recorded as KILLED in MLflow ({tracker.uri}); "
                    f"run the same command again to continue.", err=True)
         sys.exit(e.exit_code)
+    except TrackingRefused as e:  # 401/403: nothing is wrong with the store, only with who asks
+        _fail(f"{e}.\nRuns already recorded stay recorded; a run in flight, if any, was not"
+              f"{' and went back to the queue' if queue else ''}. Run the same command again once the credentials "
+              f"or the permission are fixed.", EXIT_TRACKING_LOST)
     except TrackingLost as e:
         _fail(f"{e}.\nNothing was lost silently: the run in flight was not recorded and keeps its checkpoint"
               f"{' and went back to the queue' if queue else ''}; start the tracking server again and run the same "

@@ -253,6 +253,7 @@ def test_clients_without_credentials_or_permission_are_refused_with_the_reason_a
                             capture_output=True, text=True, timeout=300)
     assert reader.returncode == 3, reader.stdout + reader.stderr
     assert "refused cnnbench's request with 403 Forbidden" in reader.stderr
+    assert "once the credentials or the permission are fixed" in reader.stderr and "checkpoint" not in reader.stderr
     assert ENV_SECRET not in reader.stdout + reader.stderr and URI_SECRET not in made.stdout + made.stderr
 
 
