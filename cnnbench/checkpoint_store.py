@@ -55,7 +55,7 @@ class CheckpointStore:
 
     def __init__(self, where: str, tracker: Tracker, suite_name: str, experiment_id: str):
         self.travels = where == MLFLOW
-        self.where, self.tracker, self.experiment_id = where, tracker, experiment_id
+        self.tracker, self.experiment_id = tracker, experiment_id
         self.dir = local_root(tracker.uri, where) / suite_name
 
     def local(self, fingerprint: str) -> Path:
@@ -74,12 +74,12 @@ class CheckpointStore:
         upload = _Uploads(self.tracker, run_id) if self.travels else None
         return TrainingCheckpoint(path, owner=fingerprint, on_saved=upload), tags
 
-    def finished(self, fingerprint: str, run_id: str) -> None:
+    def finished(self, fingerprint: str) -> None:
         """The run's result is recorded: its local file and every travelled copy of it go."""
         self.local(fingerprint).unlink(missing_ok=True)
         if self.travels:
-            for run in self.tracker.runs_of(self.experiment_id, fingerprint):
-                if run.data.tags.get(TAG_SHA256) or run.info.run_id == run_id:
+            for run in self.tracker.runs_of(self.experiment_id, fingerprint):  # this attempt and earlier ones
+                if TAG_SHA256 in run.data.tags:  # it uploaded a state (a run of one epoch never does)
                     self.tracker.delete_tags(run.info.run_id, [t for t in TAGS if t in run.data.tags])
                     self.tracker.delete_artifacts(run.info.run_id, ARTIFACT_DIR)
 

@@ -100,7 +100,7 @@ def value(obj):
     if isinstance(obj, str):
         return text(obj)
     if isinstance(obj, dict):
-        return {text(str(k)) if isinstance(k, str) else k: value(v) for k, v in obj.items()}
+        return {value(k): value(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(value(v) for v in obj)
     return obj

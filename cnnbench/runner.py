@@ -511,7 +511,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     tracker.log_artifacts(run_id, artifacts)
     tracker.end_run(run_id, "FINISHED")
     if checkpoints is not None:  # only once the result is recorded: a lost tracking server leaves it for the redo
-        checkpoints.finished(spec.fingerprint, run_id)
+        checkpoints.finished(spec.fingerprint)
     if side is not None:
         side.keep(spec, run_id, result, device, tuple(split.data.shape))
     return result.status, result.metrics, result.message

@@ -194,8 +194,8 @@ def _refusal(exc: BaseException, shown: str) -> str | None:
 
 
 class TrackingRefused(TrackingLost):
-    """The tracking server refused a request mid-suite (401/403): handled as a lost store — the run in flight
-    keeps its checkpoint, the suite stops with exit 3 — with the reason and the fix in the message."""
+    """The tracking server refused a request mid-suite (401/403): handled as a lost store — a run in flight goes
+    back to the queue, the suite stops with exit 3 — with the reason and the fix in the message."""
 
 
 class Tracker:

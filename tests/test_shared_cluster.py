@@ -143,7 +143,7 @@ def test_a_travelled_checkpoint_that_was_changed_or_belongs_to_another_run_is_re
     with pytest.raises(CheckpointError, match=r"state-1\.pt: refused: its SHA-256 is not the one recorded"):
         machine_a.open("fp-a", _tiny_run(tracker, exp_id, "fp-a"))
 
-    machine_a.finished("fp-a", second)  # the result is recorded: every copy and its tags go
+    machine_a.finished("fp-a")  # the result is recorded: every copy and its tags go
     assert not [t for t in tracker.run_tags(first) if t.startswith("cnnbench.checkpoint.")]
     assert not list(Path("mlruns").rglob(f"{first}/artifacts/checkpoint/*.pt"))
 
