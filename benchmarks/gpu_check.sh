@@ -23,7 +23,8 @@ prepare)
   rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   "$PY" -m pip download --quiet -d "$WHEELS" --python-version 3.12 --only-binary=:all: \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform any "mlflow-skinny==3.17.2" "optuna==5.1.0" "pydantic>=2.7" "sqlalchemy>=2" alembic
+    --platform any "mlflow-skinny==3.17.2" "optuna==5.1.0" "pydantic>=2.7" "sqlalchemy>=2" alembic \
+    pytest-xdist execnet  # pyproject's addopts use xdist (-n auto)
   du -sh "$WHEELS"
   ;;
 run)
@@ -32,12 +33,12 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi: not available"
     "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available:', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
     if [ -d "$WHEELS" ]; then  # offline: only what was carried, and what the machine already has
-      "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "mlflow-skinny==3.17.2" "optuna==5.1.0" "pydantic>=2.7"
+      "$PY" -m pip install --quiet --no-index --find-links "$WHEELS" "mlflow-skinny==3.17.2" "optuna==5.1.0" "pydantic>=2.7" pytest-xdist
     fi
     "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
     export CNNBENCH_DATA_DIR=${CNNBENCH_DATA_DIR:-$PWD/shared/data} MPLBACKEND=Agg
-    "$PY" -m pytest -q -p no:logging -m cuda tests/ || true
-    "$PY" -m pytest -q -p no:logging tests/test_devices.py tests/test_timing.py || true
+    "$PY" -m pytest -n 0 -q -p no:logging -m cuda tests/ || true
+    "$PY" -m pytest -n 0 -q -p no:logging tests/test_devices.py tests/test_timing.py || true
     if [ -e "$CNNBENCH_DATA_DIR/MNIST/raw/train-images-idx3-ubyte" ]; then
       "$PY" benchmarks/throughput.py --device "${GPU_CHECK_DEVICE:-cuda}" --rounds "${GPU_CHECK_ROUNDS:-5}"
     else

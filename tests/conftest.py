@@ -4,6 +4,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+# Under pytest-xdist (pyproject's addopts: one worker per core) every worker, and every process it starts,
+# computes on one thread: two workers with torch's default of one thread per core would oversubscribe the
+# cores, and OpenMP's spinning threads then slow a training test 10x, not 2x.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 SUITES = REPO / "suites"
 
