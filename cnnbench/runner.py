@@ -114,6 +114,7 @@ def run_suite(
         todo = upstream.order(specs, todo, done)
         outcome.reused = len(specs) - len(todo)
         events.suite_start(suite, specs, outcome.reused)
+        abandoned = tracker.running_fingerprints(exp_id, suite.name)  # left RUNNING by a process that died
         side = SideBySide(suite)
         store = CheckpointStore(checkpoints, tracker, suite.name, exp_id)
         seeds, counts = suite.seed_list(), suite.looks().counts
@@ -124,7 +125,7 @@ def run_suite(
                 events.run_start(spec, index, len(todo))
                 index += 1
                 status, metrics, message = _run_one(spec, tracker, exp_id, parent, env, data_dir, device, events,
-                                                    upstream, store, side=side)
+                                                    upstream, store, side=side, abandoned=abandoned)
                 outcome.counts[status] += 1
                 events.run_end(spec, status, metrics, message)
             first = count
@@ -396,7 +397,7 @@ def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage,
 
 def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dict, data_dir, device_override,
              events: Events, upstream=None, checkpoints: CheckpointStore | None = None,
-             started=None, side=None) -> tuple[str, dict, str]:
+             started=None, side=None, abandoned: set[str] | None = None) -> tuple[str, dict, str]:
     """Train one (variant, seed) and record it; returns (status, final metrics, message).
     ``started(run_id)`` is called once its MLflow run exists (a shared queue notes it on the trial);
     ``side`` (:class:`cnnbench.sidebyside.SideBySide`) keeps the trained model for the timing protocol.
@@ -404,7 +405,10 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
 
     Training state is checkpointed per epoch in ``checkpoints`` (:class:`CheckpointStore`): kept when the
     run is interrupted (the next ``run``, on this machine or — travelling — another, continues from it),
-    removed once the run has an outcome."""
+    removed once the run has an outcome.
+
+    ``abandoned``: fingerprints of the suite's runs left RUNNING by a process that died, looked up once per
+    suite by a single process (None, on a shared queue: look this run's up as it starts)."""
     from cnnbench import data as datamod
     from cnnbench import devices, techniques
     from cnnbench.deployment import measure_deployed
@@ -442,8 +446,9 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
         tracker.end_run(run_id, "FINISHED")
         return "skipped", {}, skip
 
-    tracker.end_abandoned(exp_id, spec.fingerprint, "its process stopped before ending it (killed, or the tracking "
-                                                     "server stopped answering); the run was started again")
+    if abandoned is None or spec.fingerprint in abandoned:
+        tracker.end_abandoned(exp_id, spec.fingerprint, "its process stopped before ending it (killed, or the "
+                                                         "tracking server stopped answering); the run was started again")
     run_id = tracker.start_run(exp_id, spec.run_name, tags | {"cnnbench.device": device.type}, parent)
     if started is not None:
         started(run_id)

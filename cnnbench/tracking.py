@@ -403,6 +403,14 @@ class Tracker:
             self.end_run(r.info.run_id, "FAILED")
         return len(runs)
 
+    def running_fingerprints(self, experiment_id: str, suite: str) -> set[str]:
+        """Fingerprints of the suite's runs still marked RUNNING: at the start of a single-process suite, those
+        a dead process left (:meth:`end_abandoned` ends each as its run starts again) — one query per suite
+        instead of one per run."""
+        runs = self.search(experiment_id, f"tags.`cnnbench.suite` = '{suite}' and tags.`cnnbench.role` = "
+                                          f"'{ROLE_RUN}' and attributes.status = 'RUNNING'")
+        return {r.data.tags.get("cnnbench.fingerprint") for r in runs} - {None}
+
     def runs_frame(self, suite: str) -> pd.DataFrame:
         """Every run of the suite: one row each with ``run_id``, ``status``, ``start_time``, ``role``,
         ``tags.*``, ``params.*`` and final ``metrics.*`` columns. Empty if there is no such experiment."""

@@ -69,7 +69,7 @@ def test_quickstart_end_to_end_then_resume(cli, workdir):
 
     # the report, rendered from MLflow
     report = (workdir / "reports" / "quickstart.md").read_text()
-    assert "Which of these tricks helps a small CNN on handwritten digits?" in report
+    assert "Which of these tricks helps a small CNN on handwritten digits, given 10 epochs?" in report
     for variant in ("baseline", "batchnorm", "augment", "adam"):
         assert f"| {variant}" in report or f"**{variant}**" in report
     assert "2/0/0/0" in report and "Δ vs baseline [simultaneous 95% CI]" in report
@@ -179,7 +179,7 @@ def test_bad_override_missing_file_and_forced_absent_device(cli, workdir):
 def test_validate_prints_the_plan_and_list_prints_registries(cli):
     result = cli("validate", SUITES / "quickstart.yaml")
     assert result.exit_code == 0
-    assert "4 variants × 5 seeds (0, 1, 2, 3, 4) = 20 runs" in result.output and "total: 100 epochs" in result.output
+    assert "4 variants × 8 seeds (0, 1, 2, 3, 4, 5, 6, 7) = 32 runs" in result.output and "total: 320 epochs" in result.output
     result = cli("list")
     assert result.exit_code == 0
     for word in ("datasets:", "models:", "lenet5", "mnist_net", "optimizers:", "schedules:", "cosine", "augmentations:"):
