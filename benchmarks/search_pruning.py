@@ -126,7 +126,7 @@ def main() -> None:
     print(f"search: {args.trials} trials × ≤{args.epochs} epochs, LeNet-5 on {args.dataset} "
           f"({args.limit_train} training images), TPE seed {args.sampler_seed}, lr (log) + momentum")
     for label, r in (("none", full), *pruned_runs.items()):
-        print(f"  {label:<40}: best val acc {100 * r['best']:.2f}%, {r['epochs']} epochs trained, {r['wall']:.1f} s, "
+        print(f"  {label:<40}: best val acc {100 * r['best']:.2f}%, {r['epochs']:.2f} epochs trained, {r['wall']:.1f} s, "
               f"trials {r['counts']}, MLflow {r['mlflow_per_trial_ms']:.1f} ms/trial")
     for label, pruned in pruned_runs.items():
         saved = 1 - pruned["epochs"] / full["epochs"]

@@ -72,7 +72,8 @@ def make_sampler(search: SearchConfig, space: dict[str, ParamSpec]):
 
 
 def make_pruner(search: SearchConfig, epochs: int):
-    """Pruners act on the validation metric reported after every epoch (the step is the epoch)."""
+    """Pruners act on the validation metric reported ``reports_per_epoch`` times an epoch: the step is
+    that fraction of an epoch (step 1 = the first report, epoch e ends at step e·reports_per_epoch)."""
     import optuna.pruners as p
 
     if search.pruner == "none":
@@ -80,10 +81,10 @@ def make_pruner(search: SearchConfig, epochs: int):
     if search.pruner == "median":
         return p.MedianPruner(n_startup_trials=search.pruner_startup_trials, n_warmup_steps=1)
     if search.pruner == "hyperband":
-        return p.HyperbandPruner(min_resource=1, max_resource=epochs)
+        return p.HyperbandPruner(min_resource=1, max_resource=epochs * search.reports_per_epoch)
     if search.pruner == "successive_halving":
         return p.SuccessiveHalvingPruner(min_resource=1)
-    return p.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)  # epochs stand in for its instances
+    return p.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)  # report steps stand in for its instances
 
 
 def suggest(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -247,10 +248,10 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
     trial.set_user_attr("mlflow_run_id", run_id)
     params = suggest(trial, space)
     buffered = BufferedRun(tracker, run_id, params=params | {"tuning_seeds": search.tuning_seeds})
-    epochs_run, values = 0, []
+    epochs_run, values = 0.0, []  # epochs trained, fractions of one included (a trial pruned mid-epoch)
 
     def finish(state: TrialState, value: float | None, mlflow_status: str, reason: str = "") -> tuple[str, float | None, str]:
-        trial.set_user_attr("epochs_run", epochs_run)
+        trial.set_user_attr("epochs_run", round(epochs_run, 4))
         if reason:
             trial.set_user_attr("reason", reason[:2000])
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
@@ -265,25 +266,38 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
     try:
         cfg = configure(exp, params)
         split = load_split(cfg)
+        per_epoch = search.reports_per_epoch
         for k in range(search.tuning_seeds):
-            def on_epoch(record: dict, first: bool = k == 0) -> None:
+            before = epochs_run  # epochs of the earlier tuning seeds
+
+            def report(epochs: float, value: float) -> None:  # the first seed's validation drives pruning
+                trial.report(value, round(epochs * per_epoch))  # step: 1/reports_per_epoch of an epoch
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+            def on_check(epochs: float, record: dict, before: float = before) -> None:
                 nonlocal epochs_run
-                epochs_run += 1
+                epochs_run = before + epochs
+                report(epochs, record[search.metric])
+                raise_if_interrupted()
+
+            def on_epoch(record: dict, first: bool = k == 0, before: float = before) -> None:
+                nonlocal epochs_run
+                epochs_run = before + record["epoch"]
                 if first:  # the first tuning seed's curve is logged and drives pruning
                     buffered.log_epoch(record)
                     events.epoch(spec, record)
-                    trial.report(record[search.metric], int(record["epoch"]))
-                    if trial.should_prune():
-                        raise optuna.TrialPruned()
+                    report(record["epoch"], record[search.metric])
                 raise_if_interrupted()
 
             run = train(cfg, TUNING_SEED_BASE + k, split, device, on_epoch=on_epoch, evaluate_test=False,
-                        on_batch=interruptible(events.batch))
+                        on_batch=interruptible(events.batch), on_check=on_check if k == 0 else None,
+                        checks_per_epoch=per_epoch)
             if run.status == "diverged":
                 return finish(TrialState.FAIL, None, "FINISHED", run.message)
             values.append(run.history[-1][search.metric])
     except optuna.TrialPruned:
-        return finish(TrialState.PRUNED, None, "FINISHED", f"pruned after epoch {epochs_run}")
+        return finish(TrialState.PRUNED, None, "FINISHED", f"pruned after {epochs_run:g} epochs")
     except (KeyboardInterrupt, Interrupted):
         trial.set_user_attr("interrupted", True)
         finish(TrialState.FAIL, None, "KILLED", "interrupted")

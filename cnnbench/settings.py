@@ -63,6 +63,12 @@ class DataConfig(Strict):
     augment: list[AugmentSpec] = Field(default_factory=list)
     limit_train: PositiveInt | None = Field(None, description="use only the first N training samples")
     image_size: PositiveInt | None = Field(None, description="resize images to N×N (digits default: 28, imagefolder: 32)")
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="harder task: this fraction of the training (and so "
+                               "validation) labels is replaced by another class; test labels stay clean. A fixed draw: "
+                               "the same images for every seed and variant")
+    canvas: PositiveInt | None = Field(None, description="harder task: each image (after image_size) is placed at a "
+                                       "random position on an N×N black canvas, train and test alike (translated "
+                                       "digits). Fixed positions: the same for every seed and variant")
     path: str | None = Field(None, description="imagefolder: directory with train/ and test/ class folders")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 

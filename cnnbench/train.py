@@ -114,8 +114,15 @@ def train(
     model: torch.nn.Module | None = None,
     loss_fn: Callable | None = None,
     checkpoint: TrainingCheckpoint | Path | None = None,
+    on_check: Callable[[float, dict[str, float]], None] | None = None,
+    checks_per_epoch: int = 1,
 ) -> RunResult:
     """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
+
+    ``checks_per_epoch`` > 1 (searches: a pruner can stop a hopeless trial inside its first epoch) also
+    validates ``checks_per_epoch − 1`` times within each epoch, at even fractions of its batches, and
+    passes (epochs so far, e.g. 1.25; {val_loss, val_accuracy}) to ``on_check`` — untimed, and without
+    changing the training itself (evaluation draws no random numbers and leaves BatchNorm's statistics).
 
     ``evaluate_test=False`` (search trials) never touches the test set. ``model`` starts from these
     weights instead of the seed's initial ones (fine-tuning); ``loss_fn(logits, labels, inputs)``
@@ -130,6 +137,7 @@ def train(
         run = _setup(exp, seed, split, device, model, loss_fn)
         if checkpoint is not None and checkpoint.path.exists():
             _resume(run, checkpoint, on_epoch)
+        run.on_check, run.checks_per_epoch = on_check, checks_per_epoch if on_check is not None else 1
         _loop(run, on_epoch, on_batch, checkpoint)
         _final_metrics(run)
         if run.result.status == "finished" and evaluate_test:  # a search trial must not see the test set
@@ -172,6 +180,9 @@ class _Run:
     epochs_to_target: int | None = None
     best_val_loss: float = math.inf
     epochs_since_best: int = 0
+    on_check: Callable | None = None  # mid-epoch validations (see train's checks_per_epoch)
+    checks_per_epoch: int = 1
+    check_time: float = 0.0  # seconds of mid-epoch validation, taken out of the training time
 
     def autocast(self):
         """A fresh autocast context of the run's precision (a no-op for fp32)."""
@@ -254,10 +265,10 @@ def _loop(run: _Run, on_epoch, on_batch, checkpoint: TrainingCheckpoint | None) 
         # ── train one epoch (timed, the device synchronized) ─────────────────
         devices.synchronize(device)
         compiled_before = compiling.compile_seconds() + devices.compile_seconds(device)
-        t0 = time.perf_counter()
-        train_loss = _train_epoch(run, on_batch)
+        t0, run.check_time = time.perf_counter(), 0.0
+        train_loss = _train_epoch(run, on_batch, epoch)
         devices.synchronize(device)
-        run.train_time += time.perf_counter() - t0
+        run.train_time += time.perf_counter() - t0 - run.check_time
         run.compile_time += compiling.compile_seconds() + devices.compile_seconds(device) - compiled_before
         lr = run.optimizer.param_groups[0]["lr"]  # the last learning rate used in this epoch
         if run.interval == "epoch":
@@ -292,7 +303,7 @@ def _loop(run: _Run, on_epoch, on_batch, checkpoint: TrainingCheckpoint | None) 
             return
 
 
-def _train_epoch(run: _Run, on_batch) -> torch.Tensor:
+def _train_epoch(run: _Run, on_batch, epoch: int) -> torch.Tensor:
     """One pass over the training split; returns the summed loss, still on the device (read once per epoch)."""
     exp, device, optimizer, scaler = run.exp, run.device, run.optimizer, run.scaler
     smoothing, clip, bs = exp.train.label_smoothing, exp.train.grad_clip_norm, exp.data.batch_size
@@ -302,6 +313,8 @@ def _train_epoch(run: _Run, on_batch) -> torch.Tensor:
     loss_sum = torch.zeros((), device=device, dtype=devices.accumulator_dtype(device))
     n_batches = math.ceil(n_train / bs)
     inv255 = torch.tensor(1.0 / 255.0, device=device)
+    k = run.checks_per_epoch
+    checks = {math.ceil(j * n_batches / k) - 1: j / k for j in range(1, k)}  # batch index → fraction of the epoch
     for b, (lo, hi) in enumerate(batches(n_train, bs)):
         bi = perm[lo:hi].to(device)
         xb = run.train_x[bi].float()
@@ -332,7 +345,21 @@ def _train_epoch(run: _Run, on_batch) -> torch.Tensor:
         devices.step_done(device)  # XLA: one graph per step
         if on_batch is not None:  # progress, and the runner's check for Ctrl-C / SIGTERM
             on_batch(b, n_batches)
+        if b in checks:
+            _check(run, epoch - 1 + checks[b])
     return loss_sum
+
+
+def _check(run: _Run, epochs: float) -> None:
+    """A mid-epoch validation for ``on_check`` (which may raise, e.g. to prune), kept out of the timing."""
+    devices.synchronize(run.device)
+    t0 = time.perf_counter()
+    val_loss, val_acc, _ = evaluate(run.model, run.train_x, run.train_y, run.val_idx, run.scale, run.shift,
+                                    run.exp.data.eval_batch_size, run.device, autocast=run.autocast,
+                                    memory_format=run.memory_format)
+    run.model.train()
+    run.check_time += time.perf_counter() - t0
+    run.on_check(epochs, {"val_loss": val_loss, "val_accuracy": val_acc})
 
 
 def _final_metrics(run: _Run) -> None:

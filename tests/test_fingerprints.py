@@ -3,7 +3,8 @@ it) by its fingerprint and plan key, so a refactor that changes one silently ret
 
 The golden file was written from main before the technique interface (issue 15); regenerate it only
 with a deliberate FINGERPRINT_VERSION bump: ``python tests/test_fingerprints.py --write`` — or one suite's
-entry when that suite is redesigned (its runs are new experiments; the quickstart's, for issue 17).
+entry when that suite is redesigned (its runs are new experiments; the quickstart's, for issue 17), or a searched
+suite's studies when the search itself changes (reports_per_epoch: pruning at quarter epochs, issue 19).
 """
 
 import functools

@@ -271,3 +271,48 @@ def test_augmentations_change_only_training_batches(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(clean["eval"], augmented["eval"]))
     assert len(clean["train"]) == len(augmented["train"])
     assert all(not torch.equal(a, b) for a, b in zip(clean["train"], augmented["train"]))
+
+
+# ── harder tasks derived from the data we have (issue 17): label noise, digits on a larger canvas ──
+
+
+def test_label_noise_flips_an_exact_fixed_share_of_training_labels_to_other_classes_and_leaves_test_clean():
+    clean = datamod.load(DataConfig(dataset="digits"))
+    noisy = datamod.load(DataConfig(dataset="digits", label_noise=0.3))
+    flipped = noisy.train_y != clean.train_y
+    assert flipped.sum().item() == round(0.3 * len(clean.train_y))  # exactly that share, and never the true class
+    assert torch.equal(noisy.test_y, clean.test_y) and torch.equal(noisy.train_x, clean.train_x)
+    assert 0 <= noisy.train_y.min() and noisy.train_y.max() < 10
+    assert ((noisy.train_y[flipped] - clean.train_y[flipped]) % 10).unique().tolist() == list(range(1, 10))
+    again = datamod.noisy_labels(clean.train_y, 0.3, 10, torch.Generator().manual_seed(datamod.LABEL_NOISE_SEED))
+    assert torch.equal(again, noisy.train_y)  # a fixed draw: the same for every seed and variant
+
+
+def test_canvas_places_each_whole_image_at_a_fixed_random_offset(mnist_dir):
+    plain = datamod.load(DataConfig(dataset="mnist"), str(mnist_dir))
+    moved = datamod.load(DataConfig(dataset="mnist", canvas=56), str(mnist_dir))
+    assert moved.train_x.shape == (60000, 1, 56, 56) and moved.test_x.shape == (10000, 1, 56, 56)
+    assert torch.equal(moved.train_x[:100].sum((1, 2, 3), dtype=torch.int64),
+                       plain.train_x[:100].sum((1, 2, 3), dtype=torch.int64))  # nothing cut off or added
+    rows = (moved.train_x[:500, 0] > 0).any(2).float().argmax(1)  # first inked row of each image
+    assert rows.unique().numel() > 20  # positions spread over the canvas
+    assert torch.equal(moved.train_y, plain.train_y) and torch.equal(moved.test_y, plain.test_y)
+    with pytest.raises(ValueError, match=r"data.canvas: 20 is smaller than the images \(28×28\)"):
+        datamod.on_canvas(plain.test_x[:2], 20, torch.Generator())
+
+
+def test_harder_tasks_are_new_experiments_and_the_defaults_keep_every_fingerprint():
+    base = Experiment.model_validate({"data": {"dataset": "digits"}})
+    assert Experiment.model_validate({"data": {"dataset": "digits", "label_noise": 0.0}}).fingerprint(0) == base.fingerprint(0)
+    assert Experiment.model_validate({"data": {"dataset": "digits", "label_noise": 0.2}}).fingerprint(0) != base.fingerprint(0)
+    assert Experiment.model_validate({"data": {"dataset": "digits", "canvas": 40}}).fingerprint(0) != base.fingerprint(0)
+
+
+def test_a_model_trains_on_translated_noisy_digits():
+    exp = Experiment.model_validate({"data": {"dataset": "digits", "image_size": 16, "canvas": 24, "label_noise": 0.2},
+                                     "model": {"name": "lenet5"}, "optimizer": {"momentum": 0.9, "lr": 0.02},
+                                     "train": {"epochs": 2}, "device": "cpu"})
+    data = datamod.load(exp.data)
+    assert data.shape == (1, 24, 24)
+    result = train(exp, 0, datamod.split(data, 0.1), torch.device("cpu"))
+    assert result.status == "finished" and 0.1 < result.metrics["test_accuracy"] <= 1.0

@@ -1,6 +1,8 @@
 """Fair tuning with real Optuna studies (journal file and PostgreSQL) and a real SQLite MLflow store."""
 
+import tempfile
 import uuid
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -156,10 +158,36 @@ def test_pruned_trials_are_recorded_with_the_epochs_they_saved(tmp_path):
     study = optuna.load_study(study_name=study_name(suite, "sgd"), storage=open_storage(str(tmp_path / "optuna.journal")))
     assert [t.params["optimizer.lr"] for t in study.trials] == [0.05, 1e-7]  # the good one first: the bad one is pruned
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
-    assert study.trials[1].user_attrs["epochs_run"] < 3
+    # reports_per_epoch (default 4): the hopeless trial is stopped at its first report, a quarter into epoch 1
+    assert study.trials[1].user_attrs["epochs_run"] == 0.25
+    assert list(study.trials[1].intermediate_values) == [1]  # one report, at step 1 = 1/4 epoch
     search = runs_by_role(tracker, "tuned")["search"]
     row = search[search["tags.cnnbench.variant"] == "sgd"].iloc[0]
     assert row["metrics.trials_pruned"] == 1 and row["metrics.epochs_saved_by_pruning"] == 3 - study.trials[1].user_attrs["epochs_run"]
+
+
+def test_mid_epoch_checks_see_the_training_without_changing_it():
+    """The validations a pruner sees inside an epoch come at even fractions of it, are not in the training
+    time, and leave the run bit-for-bit what it is without them."""
+    import torch
+
+    from cnnbench import data as datamod
+    from cnnbench.train import train
+
+    exp = load_suite(write_suite(Path(tempfile.mkdtemp()) / "s.yaml", SEARCH_SUITE.format(
+        name="t", trials=1, sampler="random", sampler_seed=0, pruner="median", space=LR_SPACE, adam_space="")),
+        registries=all_registries()).experiments["sgd"]
+    split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
+    plain = train(exp, 0, split, torch.device("cpu"))
+    seen = []
+    checked = train(exp, 0, split, torch.device("cpu"), on_check=lambda e, rec: seen.append((e, rec)), checks_per_epoch=4)
+    assert [e for e, _ in seen] == [0.25, 0.5, 0.75, 1.25, 1.5, 1.75]
+    assert all(0 <= rec["val_accuracy"] <= 1 and rec["val_loss"] > 0 for _, rec in seen)
+    assert seen[2][1]["val_accuracy"] > seen[0][1]["val_accuracy"]  # it is the model as it trains
+    assert [{k: v for k, v in h.items() if k != "train_time_cum_s"} for h in checked.history] == \
+        [{k: v for k, v in h.items() if k != "train_time_cum_s"} for h in plain.history]
+    for a, b in zip(plain.model.state_dict().values(), checked.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_two_workers_that_ask_for_the_last_trial_at_once_run_only_one(tmp_path):

@@ -42,7 +42,7 @@ FINGERPRINT_VERSION = 1
 
 # (section, key) of settings added after FINGERPRINT_VERSION 1; see Experiment.identity
 ADDED_AFTER_V1 = [("train", k) for k in ("precision", "channels_last", "compile", "compile_mode", "deterministic",
-                                         "cudnn_benchmark")]
+                                         "cudnn_benchmark")] + [("data", "label_noise"), ("data", "canvas")]
 
 
 class _Experiment(Strict):
@@ -287,6 +287,9 @@ class SearchConfig(Strict):
     sampler_seed: NonNegativeInt = 0
     pruner: Literal["none", "median", "hyperband", "successive_halving", "wilcoxon"] = "median"
     pruner_startup_trials: NonNegativeInt = Field(5, description="median: trials that finish before any is pruned")
+    reports_per_epoch: PositiveInt = Field(
+        4, description="validations per epoch the pruner sees (the first tuning seed's): 4 lets it stop a hopeless "
+                       "trial after a quarter of an epoch; each extra one costs a pass over the validation split")
     space: dict[str, ParamSpec] = Field(default_factory=dict, description="dotted key into the experiment → parameter")
     tuning_seeds: PositiveInt = Field(1, description="seeds per trial (10000, 10001, …; the objective is their mean)")
 

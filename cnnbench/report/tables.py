@@ -181,8 +181,8 @@ def tuning_table(suite: Suite, searches: pd.DataFrame) -> pd.DataFrame:
             "variant": r.name, "best values": best_txt,
             f"best {fmt.label}": fmt(num(r, "best_value", float("nan"))) if best else "–",
             "trials complete/pruned/failed": trials,
-            "epochs trained": f"{int(num(r, 'epochs_run'))}",
-            "epochs saved by pruning": f"{int(num(r, 'epochs_saved_by_pruning'))} ({num(r, 'epochs_saved_fraction'):.0%})",
+            "epochs trained": f"{num(r, 'epochs_run'):.4g}",  # fractions: trials pruned inside an epoch
+            "epochs saved by pruning": f"{num(r, 'epochs_saved_by_pruning'):.4g} ({num(r, 'epochs_saved_fraction'):.0%})",
             "search run": f"`{r['run_id']}`",
         })
     return pd.DataFrame(rows)
