@@ -266,7 +266,7 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
     try:
         cfg = configure(exp, params)
         split = load_split(cfg)
-        per_epoch = search.reports_per_epoch
+        per_epoch = search.reports_per_epoch if search.pruner != "none" else 1  # no pruner: nobody reads them
         for k in range(search.tuning_seeds):
             before = epochs_run  # epochs of the earlier tuning seeds
 

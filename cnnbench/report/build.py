@@ -44,7 +44,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     frame = tracker.runs_frame(suite.name)
     runs = select_runs(suite, frame)
     finished = runs[runs["status"] == "finished"]
-    history = tracker.history(finished["run_id"].tolist(), ["val_accuracy", "train_time_cum_s"])
+    history = tracker.history(finished["run_id"].tolist(), ["val_accuracy", "train_time_cum_s", "train_loss", "val_loss"])
     curves, bars = reports_dir / f"{suite.name}_curves.png", reports_dir / f"{suite.name}_bars.png"
     has_curves = plot_curves(suite, runs, history, curves)
     has_bars = plot_bars(suite, runs, bars)

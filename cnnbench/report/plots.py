@@ -48,12 +48,13 @@ def _scale(name: str) -> float:
 
 
 def plot_curves(suite: Suite, runs: pd.DataFrame, history: pd.DataFrame, path: Path) -> bool:
-    """Validation accuracy per epoch and against training time, mean ± sd over seeds."""
+    """Validation accuracy per epoch and against training time, mean ± sd over seeds; and the training
+    against the validation loss per epoch (mean over seeds): where they part, the model overfits."""
     if history.empty:
         return False
     wide = history.pivot_table(index=["run_id", "step"], columns="key", values="value").reset_index()
     wide = wide.merge(runs[["run_id", "variant", "seed"]], on="run_id")
-    with figure(path, (11, 4), 1, 2) as (fig, (ax_e, ax_t)):
+    with figure(path, (16, 4), 1, 3) as (fig, (ax_e, ax_t, ax_l)):
         for i, variant in enumerate(suite.variants):
             sub = wide[wide["variant"] == variant]
             if sub.empty or "val_accuracy" not in sub:
@@ -68,6 +69,9 @@ def plot_curves(suite: Suite, runs: pd.DataFrame, history: pd.DataFrame, path: P
                 t = by_epoch["train_time_cum_s"].mean()
                 ax_t.plot(t.values, mean.values, style, color=color, label=variant, marker="o", ms=3)
                 ax_t.fill_between(t.values, mean - sd, mean + sd, color=color, alpha=0.2)
+            if {"train_loss", "val_loss"} <= set(sub):
+                ax_l.plot(mean.index, by_epoch["val_loss"].mean().values, "-", color=color, label=f"{variant} validation")
+                ax_l.plot(mean.index, by_epoch["train_loss"].mean().values, ":", color=color, label=f"{variant} training")
         for ax, xlabel in ((ax_e, "epoch"), (ax_t, "training time (s, mean over seeds)")):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation accuracy (%)")
@@ -77,7 +81,13 @@ def plot_curves(suite: Suite, runs: pd.DataFrame, history: pd.DataFrame, path: P
             for ax in (ax_e, ax_t):
                 ax.axhline(target * 100, color="grey", lw=0.8, ls=":")
         ax_e.legend(fontsize=8)
-        fig.suptitle(f"{suite.name}: validation accuracy (mean ± std over seeds)")
+        ax_l.set_xlabel("epoch")
+        ax_l.set_ylabel("loss (mean over seeds; log scale)")
+        ax_l.set_title("training (dotted) vs validation (solid) loss: the gap is overfitting", fontsize=9)
+        ax_l.grid(alpha=0.3)
+        if ax_l.lines:
+            ax_l.set_yscale("log")
+        fig.suptitle(f"{suite.name}: validation accuracy (mean ± std over seeds); training vs validation loss")
     return True
 
 
