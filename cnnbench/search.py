@@ -259,7 +259,7 @@ def _run_trial(suite, variant, exp, space, trial, study, tracker, exp_id, search
         tags = {"cnnbench.trial_state": _state_name(state), "cnnbench.status": "finished"}
         if reason:
             tags["cnnbench.reason"] = reason[:5000]
-        buffered.flush(metrics=metrics, tags=tags, step=epochs_run)
+        buffered.flush(metrics=metrics, tags=tags, step=math.ceil(epochs_run))  # MLflow steps are integers
         tracker.end_run(run_id, mlflow_status)
         return tags["cnnbench.trial_state"], value, reason
 
