@@ -41,6 +41,9 @@ def describe_plan(suite: Suite) -> str:
         f"suite '{suite.name}' is valid: {suite.question}",
         f"{len(suite.variants)} variants × {len(seeds)} seeds ({', '.join(map(str, seeds))}) = {len(specs)} runs;"
         f" baseline '{suite.baseline}'; primary metric {suite.report.primary}",
+        *([f"adaptive seeds: rounds at {', '.join(map(str, suite.looks().counts))} seeds, stopping once every "
+           f"comparison is decided — {len(suite.variants) * suite.looks().counts[0]} runs at least, the figures "
+           f"below are the most"] if suite.adaptive else []),
         "",
         f"{'variant':<20} {'dataset':<14} {'model':<10} {'optimizer':<16} {'epochs':>6} {'images/epoch':>12} {'≈ time/run':>10}",
     ]

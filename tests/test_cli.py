@@ -180,6 +180,8 @@ def test_validate_prints_the_plan_and_list_prints_registries(cli):
     result = cli("validate", SUITES / "quickstart.yaml")
     assert result.exit_code == 0
     assert "4 variants × 8 seeds (0, 1, 2, 3, 4, 5, 6, 7) = 32 runs" in result.output and "total: 320 epochs" in result.output
+    assert "adaptive seeds: rounds at 4, 6, 8 seeds, stopping once every comparison is decided — 16 runs at least" \
+        in result.output
     result = cli("list")
     assert result.exit_code == 0
     for word in ("datasets:", "models:", "lenet5", "mnist_net", "optimizers:", "schedules:", "cosine", "augmentations:"):
