@@ -137,7 +137,7 @@ def on_canvas(images: torch.Tensor, size: int, g: torch.Generator) -> torch.Tens
     out = torch.zeros((n, c, size, size), dtype=images.dtype)
     ys = torch.randint(0, size - h + 1, (n,), generator=g)
     xs = torch.randint(0, size - w + 1, (n,), generator=g)
-    for i in range(n):  # 70,000 MNIST images: ~0.3 s, once per process
+    for i in range(n):  # all 70,000 MNIST images: ~1 s on 2 cores, once per process
         out[i, :, ys[i] : ys[i] + h, xs[i] : xs[i] + w] = images[i]
     return out
 

@@ -124,3 +124,29 @@ def test_sigterm_mid_run_then_resume_redoes_only_what_was_lost(workdir):
     assert done.data.metrics["resumed_from_epoch"] == stopped_at
     for key in ("test_accuracy", "test_loss", "val_loss", "train_loss", "f1_macro"):
         assert done.data.metrics[key] == ref.data.metrics[key], key
+
+
+def test_a_run_a_dead_process_left_running_is_ended_failed_when_the_suite_runs_again(tmp_path):
+    """SIGKILL leaves a child run RUNNING in MLflow. The next single-process `run` looks those up once per
+    suite and ends each FAILED, with the reason, as its run starts again; runs nobody abandoned are left."""
+    from cnnbench.config import load_suite, plan
+    from cnnbench.runner import run_suite
+    from cnnbench.tracking import ROLE_RUN, Tracker
+
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 1")))
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = tracker.experiment_id(suite.name)
+    spec = next(s for s in plan(suite) if s.variant == "adam")
+    dead = tracker.start_run(exp_id, spec.run_name, {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_RUN,
+                                                     "cnnbench.fingerprint": spec.fingerprint})
+    other = tracker.start_run(exp_id, "old/seed0", {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_RUN,
+                                                    "cnnbench.fingerprint": "0" * 16})  # a config no longer planned
+    assert tracker.running_fingerprints(exp_id, suite.name) == {spec.fingerprint, "0" * 16}
+    outcome = run_suite(suite, tracker)
+    assert outcome.counts == {"finished": 2}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    ended = client.get_run(dead)
+    assert ended.info.status == "FAILED" and ended.data.tags["cnnbench.status"] == "failed"
+    assert "the run was started again" in ended.data.tags["cnnbench.reason"]
+    assert client.get_run(other).info.status == "RUNNING"  # ended only when its own run starts again
+    assert tracker.running_fingerprints(exp_id, suite.name) == {"0" * 16}

@@ -1,8 +1,6 @@
 """Fair tuning with real Optuna studies (journal file and PostgreSQL) and a real SQLite MLflow store."""
 
-import tempfile
 import uuid
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -166,7 +164,7 @@ def test_pruned_trials_are_recorded_with_the_epochs_they_saved(tmp_path):
     assert row["metrics.trials_pruned"] == 1 and row["metrics.epochs_saved_by_pruning"] == 3 - study.trials[1].user_attrs["epochs_run"]
 
 
-def test_mid_epoch_checks_see_the_training_without_changing_it():
+def test_mid_epoch_checks_see_the_training_without_changing_it(tmp_path):
     """The validations a pruner sees inside an epoch come at even fractions of it, are not in the training
     time, and leave the run bit-for-bit what it is without them."""
     import torch
@@ -174,7 +172,7 @@ def test_mid_epoch_checks_see_the_training_without_changing_it():
     from cnnbench import data as datamod
     from cnnbench.train import train
 
-    exp = load_suite(write_suite(Path(tempfile.mkdtemp()) / "s.yaml", SEARCH_SUITE.format(
+    exp = load_suite(write_suite(tmp_path / "s.yaml", SEARCH_SUITE.format(
         name="t", trials=1, sampler="random", sampler_seed=0, pruner="median", space=LR_SPACE, adam_space="")),
         registries=all_registries()).experiments["sgd"]
     split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
