@@ -44,6 +44,8 @@ def describe_plan(suite: Suite) -> str:
         *([f"adaptive seeds: rounds at {', '.join(map(str, suite.looks().counts))} seeds, stopping once every "
            f"comparison is decided — {len(suite.variants) * suite.looks().counts[0]} runs at least, the figures "
            f"below are the most"] if suite.adaptive else []),
+        *([("compared with a reference instead of the baseline: "
+            + ", ".join(f"{v} vs {r}" for v, r in suite.report.against.items()))] if suite.report.against else []),
         "",
         f"{'variant':<20} {'dataset':<14} {'model':<10} {'optimizer':<16} {'epochs':>6} {'images/epoch':>12} {'≈ time/run':>10}",
     ]

@@ -39,6 +39,7 @@ WILCOXON_MIN_N = 6
 POWER = 0.8  # for minimum detectable effects and seed planning
 MAX_PLANNED_SEEDS = 1000
 NOT_JUDGED = "not judged (no noise floor)"
+DIVERGED = "diverged"  # every run of the variant diverged where its reference finished: it did not train
 
 
 # ── looks: fixed seeds (one look) or adaptive rounds ──────────────────────────────────────────────
@@ -166,7 +167,7 @@ class Paired:
 
     @property
     def decided(self) -> bool:
-        return self.verdict in ("better", "worse", "equivalent", "higher", "lower", "fact")
+        return self.verdict in ("better", "worse", "equivalent", "higher", "lower", "fact", DIVERGED)
 
 
 def paired(variant: dict[int, float], baseline: dict[int, float], level: float = 0.05, wilcoxon: bool = True) -> Paired:
@@ -239,8 +240,9 @@ def clip(r: Paired, bounds: tuple[float, float] | None) -> None:
 def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: float,
                 higher_is_better: bool | None, *, kind: str = "stochastic", margin: float | None = None,
                 relative_margin: bool = False, floor: float | None = None, level_alpha: float | None = None,
-                bounds: tuple[float, float] | None = None, detail: bool = True) -> dict[str, Paired]:
-    """Every variant vs the baseline on one metric.
+                bounds: tuple[float, float] | None = None, detail: bool = True,
+                references: dict[str, str] | None = None) -> dict[str, Paired]:
+    """Every variant vs the baseline on one metric (vs ``references[variant]`` where one is given).
 
     ``kind``: the catalogue's (``deterministic`` metrics are stated as facts). ``margin``: equivalence
     margin in the metric's units (``relative_margin``: as a fraction of the baseline's mean). ``floor``:
@@ -250,16 +252,20 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
     ``detail``: also the Wilcoxon column, the detectable effect and the seeds needed (slower; a stopping
     decision does not need them).
     """
-    base = per_variant.get(baseline, {})
+    references = references or {}
+
+    def base(v: str) -> dict[int, float]:
+        return per_variant.get(references.get(v, baseline), {})
+
     others = [v for v in per_variant if v != baseline]
     if kind == "deterministic":
-        return {v: fact(per_variant[v], base) for v in others}
+        return {v: fact(per_variant[v], base(v)) for v in others}
     m = max(1, len(others))
     spent = alpha if level_alpha is None else level_alpha
     level = spent / m
     out = {}
     for v in others:
-        r = paired(per_variant[v], base, level, wilcoxon=detail)
+        r = paired(per_variant[v], base(v), level, wilcoxon=detail)
         scale = abs(r.baseline_mean) if r.baseline_mean == r.baseline_mean else math.nan
         r.margin = (margin * scale if relative_margin else margin) if margin is not None else None
         if kind == "timing" and floor is not None:

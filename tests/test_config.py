@@ -127,6 +127,19 @@ def test_structural_rules(tmp_path):
     assert any("base.device: String should match pattern" in m for m in msgs)
 
 
+def test_report_against_names_variants_and_gives_the_baseline_none(tmp_path):
+    three = TINY_SUITE.replace("  adam: {optimizer: {name: adam, lr: 0.001}}\n",
+                               "  adam: {optimizer: {name: adam, lr: 0.001}}\n  adam_wd: {optimizer: {name: adam, weight_decay: 0.01}}\n")
+    suite = load(write_suite(tmp_path / "ok.yaml", three + "report: {against: {adam_wd: adam}}\n"))
+    assert suite.reference("adam_wd") == "adam" and suite.reference("adam") == "sgd"
+    [msg] = problems(write_suite(tmp_path / "a.yaml", three + "report: {against: {adam_wd: adma}}\n"))
+    assert "report.against: reference 'adma' is not a variant; did you mean 'adam'?" in msg
+    [msg] = problems(write_suite(tmp_path / "b.yaml", three + "report: {against: {sgd: adam}}\n"))
+    assert "the baseline 'sgd' is what the others are compared with" in msg
+    [msg] = problems(write_suite(tmp_path / "c.yaml", three + "report: {against: {adam: adam}}\n"))
+    assert "'adam' cannot be compared with itself" in msg
+
+
 def test_registry_names_are_not_checked_without_registries(tmp_path):
     """`cnnbench report` validates structure only (no torch import needed)."""
     p = write_suite(tmp_path / "s.yaml", TINY_SUITE.replace("{name: lenet5}", "{name: not_a_model}"))

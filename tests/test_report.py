@@ -25,7 +25,8 @@ def record(tracker, suite, results):
     """Write runs as the runner does (tags, params, final metrics and one epoch of history)."""
     exp_id = tracker.experiment_id(suite.name)
     parent = tracker.start_run(exp_id, "tiny @ fixed", {"cnnbench.suite": suite.name, "cnnbench.role": ROLE_SUITE})
-    tracker.log(parent, params={"env.cpu": "test CPU", "env.torch_threads": "2", "env.command": "cnnbench run tiny.yaml"})
+    tracker.log(parent, params={"env.cpu": "test CPU", "env.torch_threads": "2", "env.command": "cnnbench run tiny.yaml"},
+                metrics={"suite_wall_s": 83.4})
     for spec in plan(suite):
         status, metrics = results.get((spec.variant, spec.seed), ("missing", None))
         if status == "missing":
@@ -67,8 +68,44 @@ def test_report_matches_the_golden_file(tmp_path):
     assert "| 2.00 s (2/3 reached)" in text
     for png in ("tiny_curves.png", "tiny_bars.png", "tiny_forest.png", "tiny_pareto.png"):
         assert (tmp_path / "reports" / png).stat().st_size > 1000
+    assert "| wall time | 1 min 23 s for `cnnbench run` to run every run shown here (1 invocation," in text
+    # the index: one row per question, its one-line answer, decided count, margin, seeds, wall time
     index = (tmp_path / "reports" / "README.md").read_text()
-    assert "Better than it: `adam`" in index and "profiles.png" in index
+    assert ("| [tiny](tiny.md) | Does Adam beat SGD on synthetic blobs? | better: `adam` +1.27 pp | 1 of 1 | none | 3 | 1 min 23 s |"
+            in index), index
+    assert "Across 1 report: **1 of 1 comparisons decided (100%)**." in index
+    assert "Wall time of the 1 suite that recorded it: 1 min 23 s in all, on test CPU." in index
+    assert "profiles.png" in index
+
+
+def test_a_variant_compared_with_its_own_reference_says_so_everywhere(tmp_path):
+    three = TINY_SUITE.replace("seeds: 2", "seeds: 3").replace(
+        "  adam: {optimizer: {name: adam, lr: 0.001}}\n",
+        "  adam: {optimizer: {name: adam, lr: 0.001}}\n  adam_wd: {optimizer: {name: adam, lr: 0.001, weight_decay: 0.01}}\n")
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", three + "report: {margin: 0.5 pp, against: {adam_wd: adam}}\n"),
+                       registries=all_registries())
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    acc = ACC | {("adam_wd", s): ACC[("adam", s)] + 0.0002 * (s - 1) for s in range(3)}  # adam's twin
+    record(tracker, suite, {k: ("finished", {"test_accuracy": v}) for k, v in acc.items()})
+    text = build_report(suite, tracker, tmp_path / "reports").read_text()
+    assert "Better than it: `adam` (+1.27 pp [" in text  # adam still faces the baseline
+    assert "Equivalent to it within ±0.50 pp: `adam_wd` (vs `adam` +0.00 pp [" in text
+    assert "| adam_wd (vs `adam`) " in text and "Δ vs reference [simultaneous 95% CI]" in text
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert "better: `adam` +1.27 pp; equivalent (±0.50 pp): `adam_wd` +0.00 pp vs `adam` | 2 of 2 | 0.50 pp |" in index
+
+
+def test_a_variant_that_diverged_on_every_seed_is_an_answer(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 3")),
+                       registries=all_registries())
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    record(tracker, suite, {("sgd", s): ("finished", {"test_accuracy": ACC[("sgd", s)]}) for s in range(3)}
+           | {("adam", s): ("diverged", {"diverged_epoch": 1.0}) for s in range(3)})
+    text = build_report(suite, tracker, tmp_path / "reports").read_text()
+    assert "Diverged on every seed it ran (it does not train at this setting): `adam`." in text
+    assert "| diverged " in text  # the verdict column
+    index = (tmp_path / "reports" / "README.md").read_text()
+    assert "| diverged: `adam` | 1 of 1 |" in index
 
 
 def test_reports_with_zero_or_one_finished_run_render_and_say_why(tmp_path):

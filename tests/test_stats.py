@@ -71,6 +71,19 @@ def test_verdicts_better_worse_equivalent_inconclusive():
     assert rel["noise"].margin == pytest.approx(0.01 * np.mean(list(BASE.values())))
 
 
+def test_a_variant_with_a_reference_is_compared_with_it_not_with_the_baseline():
+    control = {s: v + 0.01 + 0.0003 * (s % 3) for s, v in BASE.items()}  # e.g. dense, fine-tuned one more epoch
+    pruned = {s: v - 0.0002 * (s % 2) for s, v in control.items()}  # as good as its control
+    alone = stats.compare_all({"base": BASE, "control": control, "pruned": pruned}, "base", 0.05, True, margin=0.002)
+    out = stats.compare_all({"base": BASE, "control": control, "pruned": pruned}, "base", 0.05, True, margin=0.002,
+                            references={"pruned": "control"})
+    assert alone["pruned"].verdict == "better"  # against the baseline the extra epoch shows
+    assert out["pruned"].verdict == "equivalent" and abs(out["pruned"].delta) < 0.001
+    assert out["pruned"].baseline_mean == pytest.approx(np.mean(list(control.values())))
+    assert out["control"].verdict == alone["control"].verdict == "better"  # the control still faces the baseline
+    assert out["pruned"].level == alone["pruned"].level  # one family of 2 comparisons either way
+
+
 def test_intervals_are_simultaneous_and_agree_with_the_adjusted_p():
     rng = np.random.default_rng(3)
     for _ in range(200):

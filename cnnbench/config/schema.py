@@ -188,6 +188,10 @@ class ReportConfig(Strict):
                           "number in the metric's unit), or per metric ({test_accuracy: 0.2 pp, train_time_s: 5%}): "
                           "a comparison whose interval lies inside ±margin is 'equivalent'")
     timing: TimingConfig = Field(default_factory=TimingConfig)
+    against: dict[str, str] = Field(
+        default_factory=dict, description="variant → the variant it is compared with instead of the baseline: a "
+                                          "control that differs from it in one thing only (a dense model fine-tuned "
+                                          "as long as the pruned ones, the plain net at the same learning rate)")
 
     @field_validator("margin")
     @classmethod
@@ -358,6 +362,24 @@ class Suite(Strict):
         if variants is not None and v not in variants:
             raise ValueError(f"baseline '{v}' is not a variant;{did_you_mean(v, list(variants))} variants: {', '.join(variants)}")
         return v
+
+    @model_validator(mode="after")
+    def _references_are_variants(self) -> Suite:
+        for variant, reference in self.report.against.items():
+            for role, name in (("variant", variant), ("reference", reference)):
+                if name not in self.variants:
+                    raise ValueError(f"report.against: {role} '{name}' is not a variant;"
+                                     f"{did_you_mean(name, list(self.variants))} variants: {', '.join(self.variants)}")
+            if variant == self.baseline:
+                raise ValueError(f"report.against: the baseline '{variant}' is what the others are compared with; "
+                                 "it cannot have a reference of its own")
+            if variant == reference:
+                raise ValueError(f"report.against: '{variant}' cannot be compared with itself")
+        return self
+
+    def reference(self, variant: str) -> str:
+        """The variant ``variant`` is compared with: its ``report.against`` entry, else the baseline."""
+        return self.report.against.get(variant, self.baseline)
 
     def seed_list(self) -> list[int]:
         """Every seed the suite may run (adaptive: up to ``max``, in this order)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +13,7 @@ import pandas as pd
 
 from cnnbench import redact
 from cnnbench.config import Suite
+from cnnbench.metrics import metric
 from cnnbench.report.plots import (
     compression_plots,
     plot_bars,
@@ -21,7 +23,15 @@ from cnnbench.report.plots import (
     plot_profiles,
     plot_tuning,
 )
-from cnnbench.report.prose import answer, compression_lines, determinism, pairing, tuning_lines
+from cnnbench.report.prose import (
+    answer,
+    compression_lines,
+    decided_count,
+    determinism,
+    headline,
+    pairing,
+    tuning_lines,
+)
 from cnnbench.report.selection import (
     comparisons,
     primary_higher_is_better,
@@ -30,7 +40,7 @@ from cnnbench.report.selection import (
     ttt_by_seed,
     tuning_frame,
 )
-from cnnbench.report.tables import metrics_table, to_markdown, verdict_table
+from cnnbench.report.tables import magnitude, metrics_table, n_of, to_markdown, verdict_table
 from cnnbench.report.timing import timing_record
 from cnnbench.tracking import ROLE_SUITE, Tracker
 
@@ -73,8 +83,14 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     last_run = (datetime.fromtimestamp(last["start_time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 if last is not None else "–")
     summary = answer(suite, runs, comps, timing)
+    wall_s = suite_wall_s(parents, used_parents)
+    decided, made = decided_count(suite, comps)
+    margin = suite.report.margin_for(suite.report.primary)[0]
     meta = {"name": suite.name, "question": suite.question, "generated": generated, "primary": suite.report.primary,
-            "answer": summary, "time_to_target": ttt_by_seed(suite, runs)}
+            "answer": summary, "headline": headline(suite, comps), "decided": decided, "comparisons": made,
+            "margin": magnitude(margin, metric(suite.report.primary)) if margin is not None else None,
+            "seeds": seeds_run(runs), "wall_s": wall_s, "cpu": env.get("cpu"),
+            "time_to_target": ttt_by_seed(suite, runs)}
 
     lines = [
         f"{META_PREFIX}{json.dumps(meta)} -->",
@@ -101,6 +117,8 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         f"{exp0.schedule.name} schedule |",
         f"| primary metric | {suite.report.primary} ({'higher' if primary_higher_is_better(suite) else 'lower'} is better) |",
         f"| runs from | {last_run} (newest suite run); report generated {generated} |",
+        f"| wall time | {wall_text(wall_s)} for `cnnbench run` to run every run shown here"
+        f" ({n_of(len(used_parents), 'invocation')}, searches, timing protocol and MLflow included) |",
         f"| device | {devices}; {env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads |",
         "",
         "## Results",
@@ -215,6 +233,23 @@ def load_lines(runs: pd.DataFrame) -> list[str]:
             "their timings are suspect.", ""]
 
 
+def suite_wall_s(parents: pd.DataFrame, used: set[str]) -> float | None:
+    """Wall time of the ``cnnbench run`` invocations whose runs the report shows (summed when a suite was
+    resumed or added seeds later); None when none of them recorded it (runs from before it was logged)."""
+    if parents.empty or "metrics.suite_wall_s" not in parents:
+        return None
+    walls = pd.to_numeric(parents.loc[parents["run_id"].isin(used), "metrics.suite_wall_s"], errors="coerce").dropna()
+    return float(walls.sum()) if not walls.empty else None
+
+
+def wall_text(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 def report_meta(path: Path) -> dict | None:
     """The metadata a report carries in its first line (name, question, answer, …), or None."""
     first = Path(path).read_text().split("\n", 1)[0]
@@ -230,8 +265,9 @@ def report_files(path: Path) -> list[Path]:
 
 
 def write_index(reports_dir: str | Path) -> Path:
-    """``reports/README.md``: one line per report with its answer, read from each report's metadata
-    comment, and the performance profiles of time-to-target across suites."""
+    """``reports/README.md``, the page to link to: one row per suite's question with its one-line answer,
+    how many comparisons it decided, its margin, seeds and wall time (read from each report's metadata
+    comment), the share decided across all reports, then the performance profiles of time-to-target."""
     reports_dir = Path(reports_dir)
     rows, metas = [], []
     for md in sorted(reports_dir.glob("*.md")):
@@ -241,17 +277,39 @@ def write_index(reports_dir: str | Path) -> Path:
         if meta is None:
             continue
         metas.append(meta)
-        rows.append(f"| [{meta['name']}]({md.name}) | {meta['question']} | {meta.get('answer', '–')} | {meta['generated']} |")
+        made = meta.get("comparisons")
+        decided = f"{meta['decided']} of {made}" if made else "–"
+        margin = meta.get("margin") or ("none" if "margin" in meta else "–")
+        rows.append(f"| [{meta['name']}]({md.name}) | {meta['question']} | {meta.get('headline', '–')} | {decided} | "
+                    f"{margin} | {meta.get('seeds', '–')} | {wall_text(meta.get('wall_s'))} |")
+    counted = [m for m in metas if m.get("comparisons")]
+    decided = sum(m["decided"] for m in counted)
+    made = sum(m["comparisons"] for m in counted)
+    walls = [m["wall_s"] for m in metas if m.get("wall_s") is not None]
+    cpus = sorted({m["cpu"] for m in metas if m.get("cpu") and m.get("wall_s") is not None})
     lines = [
         "# Reports",
         "",
-        "Generated by `cnnbench run` / `cnnbench report` from the runs recorded in MLflow. Do not edit by hand.",
+        "Generated by `cnnbench run` / `cnnbench report` from the runs recorded in MLflow. Do not edit by hand. "
+        "Each row is one suite's question; the answer lists every variant's verdict against the suite's baseline "
+        "with its mean difference in the primary metric (the report has the intervals and the reasons). "
+        "*Decided*: comparisons that ended better, worse or equivalent within the margin, fixed before the runs; "
+        "*seeds*: how many the suite ran; *wall time*: of the `cnnbench run` that produced the runs shown.",
         "",
-        "| report | question | answer | generated |",
-        "|---|---|---|---|",
+        "| report | question | answer | decided | margin | seeds | wall time |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
+    if counted:
+        missing = [m["name"] for m in metas if "comparisons" not in m]
+        lines += [f"Across {n_of(len(counted), 'report')}: **{decided} of {made} comparisons decided "
+                  f"({decided / made:.0%})**."
+                  + (f" Reports written before verdicts were counted ({', '.join(missing)}) are not included."
+                     if missing else ""), ""]
+    if walls:
+        lines += [f"Wall time of the {n_of(len(walls), 'suite')} that recorded it: {wall_text(sum(walls))} in all, on "
+                  + (", ".join(cpus) or "an unrecorded CPU") + ".", ""]
     profile = reports_dir / "profiles.png"
     if plot_profiles(metas, profile):
         lines += [

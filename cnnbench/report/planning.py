@@ -34,7 +34,8 @@ def seed_plan(suite: Suite, frame) -> list[str]:
     for v in suite.variants:
         if v == suite.baseline:
             continue
-        r = stats.paired(per_seed(runs, v, primary), base, level, wilcoxon=False)
+        reference = base if suite.reference(v) == suite.baseline else per_seed(runs, suite.reference(v), primary)
+        r = stats.paired(per_seed(runs, v, primary), reference, level, wilcoxon=False)
         if r.n < 2:
             lines.append(f"  {v}: fewer than 2 paired seeds recorded")
             continue

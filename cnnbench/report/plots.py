@@ -172,7 +172,8 @@ def plot_forest(suite: Suite, comps: dict, path: Path) -> bool:
                         color=colors.get(r.verdict, "grey"), capsize=4)
             ax.annotate(r.verdict, (r.high * scale, i), xytext=(6, -3), textcoords="offset points", fontsize=7)
         ax.axvline(0, color="grey", lw=0.8, ls="--")
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), [v if suite.reference(v) == suite.baseline else f"{v} vs {suite.reference(v)}"
+                                          for v in names])
         unit = " (pp)" if metric(primary).fmt == "pct" else ""
         ax.set_xlabel(f"Δ {metric(primary).label} vs {suite.baseline}{unit}, simultaneous {1 - suite.report.alpha:.0%} CI")
         ax.set_title(f"{suite.name}: paired differences (green better, red worse, blue equivalent, grey inconclusive"

@@ -38,7 +38,8 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
     results = comps[primary]
 
     def cite(v: str) -> str:
-        return f"`{v}` ({delta_ci(results[v], fmt).replace(f' (n={results[v].n})', '')})"
+        against = "" if suite.reference(v) == suite.baseline else f"vs `{suite.reference(v)}` "
+        return f"`{v}` ({against}{delta_ci(results[v], fmt).replace(f' (n={results[v].n})', '')})"
 
     def group(word: str) -> list[str]:
         return [v for v, r in results.items() if r.verdict == word]
@@ -53,6 +54,11 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
                  + "; ".join(cite(v) for v in equivalent) + ". ")
     for v in group("inconclusive") + group(stats.NOT_JUDGED):
         text += f"Inconclusive for {cite(v)}: {could_detect(results[v], fmt)}. "
+    diverged = group(stats.DIVERGED)
+    if diverged:
+        text += "Diverged on every seed it ran (it does not train at this setting): " + ", ".join(
+            f"`{v}`" + ("" if suite.reference(v) == suite.baseline else f" (vs `{suite.reference(v)}`)")
+            for v in diverged) + ". "
     few = [v for v, r in results.items() if r.verdict.startswith("too few")]
     if few:
         text += "Too few paired seeds to judge " + ", ".join(f"`{v}`" for v in few) + ". "
@@ -63,6 +69,40 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
         total = int((runs["variant"] == variant).sum())
         text += f"`{variant}`: {', '.join(f'{c} {s}' for s, c in sub['status'].value_counts().items())} of {total} seeds. "
     return text + "(" + method_sentence(suite, results) + ")"
+
+
+def headline(suite: Suite, comps: dict) -> str:
+    """The answer in one line, for the index of reports: each verdict with its variants and their Δ."""
+    results = comps.get(suite.report.primary, {})
+    if len(suite.variants) == 1 or not results:
+        return "–"
+    fmt = metric(suite.report.primary)
+    parts = []
+    for word in ("better", "worse", "higher", "lower", stats.DIVERGED, "equivalent", "inconclusive", stats.NOT_JUDGED):
+        named = [v for v, r in results.items() if r.verdict == word]
+        if not named:
+            continue
+        label = f"equivalent (±{magnitude(results[named[0]].margin, fmt)})" if word == "equivalent" else word
+        cited = ", ".join(f"`{v}`" + ("" if word == stats.DIVERGED else f" {fmt.delta(results[v].delta)}")
+                          + ("" if suite.reference(v) == suite.baseline else f" vs `{suite.reference(v)}`")
+                          for v in named)
+        if word in ("inconclusive", stats.NOT_JUDGED):
+            smallest = min((results[v].mde for v in named if math.isfinite(results[v].mde)), default=math.nan)
+            if math.isfinite(smallest):
+                cited += f" (detects ≥ {magnitude(smallest, fmt)} at best)"
+        parts.append(f"{label}: {cited}")
+    few = [v for v, r in results.items() if r.verdict.startswith("too few")]
+    if few:
+        parts.append("not judged (too few seeds): " + ", ".join(f"`{v}`" for v in few))
+    return "; ".join(parts)
+
+
+def decided_count(suite: Suite, comps: dict) -> tuple[int, int]:
+    """(decided, made) comparisons of the primary metric. A variant with no paired seed at all (a device
+    this machine lacks, every run skipped) is a comparison this machine could not make: not counted."""
+    results = comps.get(suite.report.primary, {})
+    judged = [r for r in results.values() if r.n > 0 or r.verdict == stats.DIVERGED]
+    return sum(r.decided for r in judged), len(judged)
 
 
 def could_detect(r: stats.Paired, fmt) -> str:

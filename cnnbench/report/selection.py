@@ -95,7 +95,8 @@ def seeds_run(runs: pd.DataFrame) -> int:
 
 
 def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) -> dict[str, dict[str, stats.Paired]]:
-    """metric → variant → paired comparison with the baseline, decided at the α of the look reached.
+    """metric → variant → paired comparison with the baseline (or the variant's ``report.against``
+    reference), decided at the α of the look reached.
 
     Margins come from ``report.margin``; timing metrics use ``report.timing.margin`` unless the suite gives
     them one, and ``floor`` (the relative A/A noise floor of the timing protocol; None: not measured)."""
@@ -113,8 +114,17 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) ->
         kind = "timing" if row.is_speed else "deterministic" if row.kind == "deterministic" else "stochastic"
         out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher_is_better(suite, m),
                                    kind=kind, margin=margin, relative_margin=relative, floor=floor,
-                                   level_alpha=level_alpha, bounds=row.bounds)
+                                   level_alpha=level_alpha, bounds=row.bounds, references=suite.report.against)
+    for v, r in out.get(suite.report.primary, {}).items():
+        if r.n == 0 and did_not_train(runs, v) and per_seed(runs, suite.reference(v), suite.report.primary):
+            r.verdict = stats.DIVERGED  # a recipe that diverges on every seed is an answer, not a missing one
     return out
+
+
+def did_not_train(runs: pd.DataFrame, variant: str) -> bool:
+    """Every run of ``variant`` that ran diverged."""
+    ran = runs.loc[(runs["variant"] == variant) & runs["status"].isin(["finished", "diverged", "failed"]), "status"]
+    return not ran.empty and (ran == "diverged").all()
 
 
 def decided(suite: Suite, comps: dict[str, dict[str, stats.Paired]]) -> bool:

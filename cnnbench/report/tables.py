@@ -118,6 +118,13 @@ def counts(runs: pd.DataFrame, variant: str) -> str:
     return text + (" (" + ", ".join(extra) + ")" if extra else "")
 
 
+def variant_label(suite: Suite, variant: str) -> str:
+    """The variant as a table row names it: the baseline in bold, a variant with its own reference with it."""
+    if variant == suite.baseline:
+        return f"**{variant}** (baseline)"
+    return variant if suite.reference(variant) == suite.baseline else f"{variant} (vs `{suite.reference(variant)}`)"
+
+
 def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame:
     """One row per variant: the primary metric with its CI, the paired Δ, adjusted p, verdict, detectable effect, costs."""
     primary, alpha = suite.report.primary, suite.report.alpha
@@ -126,9 +133,10 @@ def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame
     for variant in suite.variants:
         r = comps[primary].get(variant)
         row = {
-            "variant": f"**{variant}** (baseline)" if variant == suite.baseline else variant,
+            "variant": variant_label(suite, variant),
             f"{fmt.label} [{1 - alpha:.0%} CI]": mean_ci(list(per_seed(runs, variant, primary).values()), fmt, alpha),
-            f"Δ vs baseline [simultaneous {1 - alpha:.0%} CI]": "–" if r is None else delta_ci(r, fmt),
+            f"Δ vs {'reference' if suite.report.against else 'baseline'} [simultaneous {1 - alpha:.0%} CI]":
+                "–" if r is None else delta_ci(r, fmt),
             "p (adj.)": "–" if r is None else p_text(r.p_adj),
             "verdict": verdict_text(r, fmt),
             "detectable (80% power)": detectable_text(r, fmt),
@@ -152,9 +160,9 @@ def metrics_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame
             vals = list(per_seed(runs, variant, m).values())
             r = by_variant.get(variant)
             rows.append({
-                "metric": fmt.label, "variant": variant,
+                "metric": fmt.label, "variant": variant_label(suite, variant).replace(" (baseline)", "").strip("*"),
                 "mean ± sd": mean_std(pd.Series(vals, dtype=float), fmt),
-                "Δ vs baseline [CI]": "–" if r is None else delta_ci(r, fmt),
+                f"Δ vs {'reference' if suite.report.against else 'baseline'} [CI]": "–" if r is None else delta_ci(r, fmt),
                 "p": "–" if r is None else p_text(r.p),
                 "p (adj.)": "–" if r is None else p_text(r.p_adj),
                 "p Wilcoxon": "–" if r is None else p_text(r.p_wilcoxon),
