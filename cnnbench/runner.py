@@ -141,6 +141,13 @@ def run_suite(
         tracker.log(parent, tags={"cnnbench.status": "killed"})
         tracker.end_run(parent, "KILLED")
         raise Interrupted(code) from None
+    except Exception:  # a bug or a lost store: end the parent (with its wall time) if the store still answers
+        try:
+            tracker.log(parent, metrics={"suite_wall_s": time.perf_counter() - t_start})
+            tracker.end_run(parent, "FAILED")
+        except Exception:  # noqa: BLE001 - the original error is the one to show
+            pass
+        raise
 
     outcome.wall_s = time.perf_counter() - t_start
     outcome.mlflow_s = tracker.seconds - mlflow_before

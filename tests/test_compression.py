@@ -127,6 +127,19 @@ def test_a_pruned_model_fine_tunes_with_its_masks_on():
     assert pr.sparsity(model)["global"] == pytest.approx(before)  # the masks held through the update
 
 
+def test_amount_zero_is_the_control_that_removes_nothing():
+    from cnnbench.config import Experiment
+
+    model = lenet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pr.apply_masks(model, "l1_unstructured", 0.0)
+    pr.make_permanent(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert pr.sparsity(model)["global"] == 0.0
+    with pytest.raises(ValueError, match="amount: 0 removes nothing; .* use method: l1_unstructured"):
+        Experiment.model_validate({"prune": {"method": "channel", "amount": 0.0, "finetune_epochs": 1}})
+
+
 def test_iterative_steps_reach_the_amount_and_ln_structured_zeroes_whole_filters():
     model = lenet()
     for _ in range(3):

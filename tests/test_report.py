@@ -107,6 +107,16 @@ def test_a_variant_that_diverged_on_every_seed_is_an_answer(tmp_path):
     index = (tmp_path / "reports" / "README.md").read_text()
     assert "| diverged: `adam` | 1 of 1 |" in index
 
+    # the other way round: a variant that trains where its reference diverged is better than it
+    rescued = load_suite(write_suite(tmp_path / "r.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 3").replace(
+        "  adam: {optimizer: {name: adam, lr: 0.001}}\n",
+        "  adam: {optimizer: {name: adam, lr: 0.001}}\n  adam_wd: {optimizer: {name: adam, weight_decay: 0.01}}\n")
+        + "report: {against: {adam_wd: adam}}\n"), registries=all_registries())
+    record(tracker, rescued, {("adam_wd", s): ("finished", {"test_accuracy": 0.9}) for s in range(3)})
+    text = build_report(rescued, tracker, tmp_path / "reports").read_text()
+    assert "`adam_wd` (`adam` diverged on every seed it ran; `adam_wd` trained)" in text
+    assert "better: `adam_wd` (its reference diverged)" in (tmp_path / "reports" / "README.md").read_text()
+
 
 def test_reports_with_zero_or_one_finished_run_render_and_say_why(tmp_path):
     suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE), registries=all_registries())

@@ -150,3 +150,23 @@ def test_a_run_a_dead_process_left_running_is_ended_failed_when_the_suite_runs_a
     assert "the run was started again" in ended.data.tags["cnnbench.reason"]
     assert client.get_run(other).info.status == "RUNNING"  # ended only when its own run starts again
     assert tracker.running_fingerprints(exp_id, suite.name) == {"0" * 16}
+
+
+def test_a_suite_that_crashes_ends_its_parent_failed_with_its_wall_time(tmp_path):
+    """An unexpected error (here: a progress display that raises) must not leave the suite's parent run
+    RUNNING forever: it ends FAILED with the wall time it had, so the report can still count it."""
+    from cnnbench.config import load_suite
+    from cnnbench.runner import Events, run_suite
+    from cnnbench.tracking import ROLE_SUITE, Tracker
+
+    class Broken(Events):
+        def run_start(self, spec, index, total):
+            raise RuntimeError("display broke")
+
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 1")))
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(RuntimeError, match="display broke"):
+        run_suite(suite, tracker, events=Broken())
+    [parent] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [tracker.experiment_id(suite.name)], f"tags.`cnnbench.role` = '{ROLE_SUITE}'")
+    assert parent.info.status == "FAILED" and parent.data.metrics["suite_wall_s"] > 0

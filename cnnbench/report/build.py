@@ -235,10 +235,15 @@ def load_lines(runs: pd.DataFrame) -> list[str]:
 
 def suite_wall_s(parents: pd.DataFrame, used: set[str]) -> float | None:
     """Wall time of the ``cnnbench run`` invocations whose runs the report shows (summed when a suite was
-    resumed or added seeds later); None when none of them recorded it (runs from before it was logged)."""
-    if parents.empty or "metrics.suite_wall_s" not in parents:
+    resumed or added seeds later): as each logged it, else from its parent run's start and end; None when
+    none of them has either (runs from before it was logged)."""
+    if parents.empty:
         return None
-    walls = pd.to_numeric(parents.loc[parents["run_id"].isin(used), "metrics.suite_wall_s"], errors="coerce").dropna()
+    used_parents = parents[parents["run_id"].isin(used)]
+    logged = pd.to_numeric(used_parents.get("metrics.suite_wall_s", pd.Series(dtype=float)), errors="coerce")
+    ended = (pd.to_numeric(used_parents["end_time"], errors="coerce")
+             - pd.to_numeric(used_parents["start_time"], errors="coerce")) / 1000  # an invocation that crashed
+    walls = logged.fillna(ended).dropna()
     return float(walls.sum()) if not walls.empty else None
 
 

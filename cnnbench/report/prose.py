@@ -38,6 +38,8 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
     results = comps[primary]
 
     def cite(v: str) -> str:
+        if results[v].n == 0 and results[v].notes:  # it trained where its reference diverged
+            return f"`{v}` ({results[v].notes[-1]})"
         against = "" if suite.reference(v) == suite.baseline else f"vs `{suite.reference(v)}` "
         return f"`{v}` ({against}{delta_ci(results[v], fmt).replace(f' (n={results[v].n})', '')})"
 
@@ -83,7 +85,8 @@ def headline(suite: Suite, comps: dict) -> str:
         if not named:
             continue
         label = f"equivalent (±{magnitude(results[named[0]].margin, fmt)})" if word == "equivalent" else word
-        cited = ", ".join(f"`{v}`" + ("" if word == stats.DIVERGED else f" {fmt.delta(results[v].delta)}")
+        cited = ", ".join(f"`{v}`" + ("" if word == stats.DIVERGED else " (its reference diverged)"
+                                      if results[v].n == 0 else f" {fmt.delta(results[v].delta)}")
                           + ("" if suite.reference(v) == suite.baseline else f" vs `{suite.reference(v)}`")
                           for v in named)
         if word in ("inconclusive", stats.NOT_JUDGED):

@@ -115,9 +115,14 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) ->
         out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher_is_better(suite, m),
                                    kind=kind, margin=margin, relative_margin=relative, floor=floor,
                                    level_alpha=level_alpha, bounds=row.bounds, references=suite.report.against)
-    for v, r in out.get(suite.report.primary, {}).items():
-        if r.n == 0 and did_not_train(runs, v) and per_seed(runs, suite.reference(v), suite.report.primary):
-            r.verdict = stats.DIVERGED  # a recipe that diverges on every seed is an answer, not a missing one
+    primary = suite.report.primary
+    for v, r in out.get(primary, {}).items():  # a recipe that diverges on every seed is an answer, not a gap
+        reference = suite.reference(v)
+        if r.n == 0 and did_not_train(runs, v) and per_seed(runs, reference, primary):
+            r.verdict = stats.DIVERGED
+        elif r.n == 0 and did_not_train(runs, reference) and per_seed(runs, v, primary):
+            r.verdict = "better" if higher_is_better(suite, primary) is not False else "worse"
+            r.notes.append(f"`{reference}` diverged on every seed it ran; `{v}` trained")
     return out
 
 
