@@ -127,19 +127,6 @@ def test_a_pruned_model_fine_tunes_with_its_masks_on():
     assert pr.sparsity(model)["global"] == pytest.approx(before)  # the masks held through the update
 
 
-def test_amount_zero_is_the_control_that_removes_nothing():
-    from cnnbench.config import Experiment
-
-    model = lenet()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    pr.apply_masks(model, "l1_unstructured", 0.0)
-    pr.make_permanent(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert pr.sparsity(model)["global"] == 0.0
-    with pytest.raises(ValueError, match="amount: 0 removes nothing; .* use method: l1_unstructured"):
-        Experiment.model_validate({"prune": {"method": "channel", "amount": 0.0, "finetune_epochs": 1}})
-
-
 def test_iterative_steps_reach_the_amount_and_ln_structured_zeroes_whole_filters():
     model = lenet()
     for _ in range(3):
@@ -301,6 +288,22 @@ def count_trainings(monkeypatch):
 
     monkeypatch.setattr(cnnbench.train, "train", spy)
     return calls
+
+
+def test_finetune_is_the_same_epochs_control_that_changes_nothing_else(cli, workdir, count_trainings):
+    text = COMPRESSION_SUITE.split("variants:")[0].replace("name: comp", "name: ft") + (
+        "variants:\n  fp32: {}\n  more: {finetune: {epochs: 1}, optimizer: {lr: 0.01}}\n"
+        "baseline: fp32\nseeds: 1\nreport: {against: {}}\n")
+    result = cli("run", write_suite(workdir / "ft.yaml", text), "-q")
+    assert result.exit_code == 0, result.output
+    assert len(count_trainings) == 1  # `more` trains on from fp32's weights, not from scratch
+    runs = {r.info.run_name: r for r in child_runs("ft")}
+    fp32, more = runs["fp32/seed0"].data, runs["more/seed0"].data
+    assert more.tags["cnnbench.compression"] == "fine-tune 1 epoch, nothing removed"
+    assert more.metrics["params"] == fp32.metrics["params"] and more.metrics["nonzero_params"] == fp32.metrics["params"]
+    assert more.metrics["test_loss"] != fp32.metrics["test_loss"]  # it did train
+    [msg] = problems(write_suite(workdir / "bad.yaml", text.replace("epochs: 1}", "epochs: 0}")))
+    assert "variants.more.finetune.epochs: Input should be greater than 0" in msg
 
 
 @pytest.mark.slow

@@ -25,9 +25,7 @@ class PruneConfig(Strict):
         description="l1/random_unstructured: per layer; global_unstructured: smallest weights across all layers; "
                     "ln_structured: zeroes whole output channels (L2 norm); channel: removes output channels and "
                     "rebuilds smaller layers (the only kind that speeds up dense inference)")
-    amount: float = Field(ge=0.0, lt=1.0, description="fraction of weights (channels for ln_structured/channel) "
-                                                      "removed; 0 is the control: the same pipeline and fine-tuning, "
-                                                      "nothing removed")
+    amount: float = Field(gt=0.0, lt=1.0, description="fraction of weights (channels for ln_structured/channel) removed")
     schedule: Literal["one_shot", "iterative"] = "one_shot"
     steps: int = Field(3, ge=2, description="iterative: pruning steps, each followed by finetune_epochs")
     finetune_epochs: NonNegativeInt = Field(0, description="epochs of fine-tuning after pruning (after each step if iterative)")
@@ -37,9 +35,6 @@ class PruneConfig(Strict):
         if self.schedule == "iterative" and self.finetune_epochs == 0:
             raise ValueError("schedule: iterative prunes in steps with fine-tuning between them; set finetune_epochs ≥ 1 "
                              "(without it, use schedule: one_shot)")
-        if self.amount == 0 and self.method == "channel":
-            raise ValueError("amount: 0 removes nothing; for a control that fine-tunes as the pruned variants do, "
-                             "use method: l1_unstructured with amount: 0")
         if self.schedule == "iterative" and self.method == "channel":
             raise ValueError("channel pruning is one_shot only (set schedule: one_shot)")
         return self
