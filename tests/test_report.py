@@ -212,3 +212,34 @@ def test_a_one_variant_suite_is_described_without_comparison_language(tmp_path):
     for words in ("Holm", "Δ", "paired", "verdict", "n = 0", "0 variants", "no significant change", "Better than",
                   "No variant differs"):
         assert words not in out, words
+
+
+LEGACY_TABLE = """<!-- cnnbench-report {"name": "devices", "question": "How long?", "generated": "2026-11-23 15:10 UTC", "primary": "train_time_s", "answer": "long"} -->
+# devices
+
+## Results
+
+Each variant against the baseline, paired by seed.
+
+| variant            | train time [95% CI]      | Δ vs baseline [95% CI]            | p (Holm)   | verdict                     | seeds fin/div/fail/skip   |
+|:-------------------|:-------------------------|:----------------------------------|:-----------|:----------------------------|:--------------------------|
+| **cpu** (baseline) | 3.20 s [2.53 s, 3.87 s]  | –                                 | –          | baseline                    | 3/0/0/0                   |
+| cpu_1_thread       | 4.37 s [3.80 s, 4.95 s]  | +1.17 s [+0.67 s, +1.67 s] (n=3)  | 0.030      | worse                       | 3/0/0/0                   |
+| cpu_2_threads      | 3.05 s [2.18 s, 3.92 s]  | -0.15 s [-1.43 s, +1.13 s] (n=3)  | 0.662      | no evidence of a difference | 3/0/0/0                   |
+| cuda               | –                        | –                                 | –          | too few paired seeds (n=0)  | 0/0/0/3                   |
+
+| metric | variant | verdict |
+|---|---|---|
+| train time | cpu_2_threads | better |
+"""
+
+
+def test_the_index_reads_the_verdicts_of_a_report_written_before_they_were_in_its_metadata(tmp_path):
+    from cnnbench.report.build import write_index
+
+    (tmp_path / "devices.md").write_text(LEGACY_TABLE)
+    index = write_index(tmp_path).read_text()
+    # cuda never ran on this machine (n=0): not a comparison it could make; the second table is not read
+    assert ("| worse: `cpu_1_thread` +1.17 s; no evidence of a difference: `cpu_2_threads` -0.15 s | 1 of 2 | – | – | – |"
+            in index), index
+    assert "Across 1 report: **1 of 2 comparisons decided (50%)**." in index

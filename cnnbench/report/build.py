@@ -269,6 +269,37 @@ def report_files(path: Path) -> list[Path]:
     return [Path(path), *(Path(path).parent / n for n in dict.fromkeys(names) if (Path(path).parent / n).is_file())]
 
 
+DECIDED_WORDS = ("better", "worse", "equivalent", "higher", "lower", "diverged")
+
+
+def verdicts_from_table(text: str) -> dict | None:
+    """For a report written before its metadata carried verdicts: the one-line answer and decided count
+    read from its Results table (first ``| variant`` table with a ``verdict`` column); None if it has none."""
+    lines = text.split("## Results", 1)[-1].splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| variant") and "verdict" in line), None)
+    if start is None:
+        return None
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    at, delta_at = header.index("verdict"), next((i for i, c in enumerate(header) if c.startswith("Δ")), None)
+    groups: dict[str, list[str]] = {}
+    decided = made = 0
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        verdict = cells[at]
+        if verdict == "baseline" or verdict.startswith("too few paired seeds (n=0)"):
+            continue
+        word = next((w for w in DECIDED_WORDS if verdict.startswith(w)), "undecided")
+        made += 1
+        decided += word != "undecided"
+        delta = cells[delta_at].split(" [")[0].split(" (")[0] if delta_at is not None else ""
+        label = verdict if word == "undecided" else word if word != "equivalent" else verdict
+        groups.setdefault(label, []).append(f"`{cells[0].strip('*')}` {delta}".strip())
+    headline = "; ".join(f"{label}: {', '.join(named)}" for label, named in groups.items())
+    return {"headline": headline, "decided": decided, "comparisons": made}
+
+
 def write_index(reports_dir: str | Path) -> Path:
     """``reports/README.md``, the page to link to: one row per suite's question with its one-line answer,
     how many comparisons it decided, its margin, seeds and wall time (read from each report's metadata
@@ -281,6 +312,8 @@ def write_index(reports_dir: str | Path) -> Path:
         meta = report_meta(md)
         if meta is None:
             continue
+        if "comparisons" not in meta:  # written before the metadata carried verdicts: read its table
+            meta |= verdicts_from_table(md.read_text()) or {}
         metas.append(meta)
         made = meta.get("comparisons")
         decided = f"{meta['decided']} of {made}" if made else "–"
