@@ -20,6 +20,7 @@ MODELS = Registry(
 )
 NORMS = Registry("norm")
 ACTIVATIONS = Registry("activation")
+POOLS = Registry("pool")
 
 
 # ───────────────────────────── knobs ─────────────────────────────
@@ -106,6 +107,83 @@ def tanh() -> nn.Module:
     return nn.Tanh()
 
 
+# Every pool halves the feature map (2×2 windows, stride 2; an odd row or column is dropped, as
+# nn.MaxPool2d does) and takes the number of channels it pools.
+
+
+@POOLS.register(name="max")
+def max_pool(channels: int) -> nn.Module:
+    """Max pooling: the largest activation of each 2×2 window."""
+    return nn.MaxPool2d(2)
+
+
+@POOLS.register(name="avg")
+def avg_pool(channels: int) -> nn.Module:
+    """Average pooling: the mean of each 2×2 window."""
+    return nn.AvgPool2d(2)
+
+
+class MixedPool2d(nn.Module):
+    """α·max + (1 − α)·avg over 2×2 windows (Yu et al. 2014; Lee et al. 2016). ``learned``: α = σ(w) with one
+    weight per layer, trained with the net (starts at α = ½); otherwise α = ½, fixed."""
+
+    def __init__(self, learned: bool):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(1)) if learned else None
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate) if self.gate is not None else torch.tensor(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha.to(x.dtype)
+        return a * nn.functional.max_pool2d(x, 2) + (1 - a) * nn.functional.avg_pool2d(x, 2)
+
+
+@POOLS.register(name="mixed")
+def mixed_pool(channels: int) -> nn.Module:
+    """Mixed pooling: ½·max + ½·avg of each 2×2 window."""
+    return MixedPool2d(learned=False)
+
+
+@POOLS.register(name="mixed_learned")
+def mixed_learned_pool(channels: int) -> nn.Module:
+    """Mixed pooling with a learned blend α·max + (1 − α)·avg, α = σ(w), one w per layer (starts at ½)."""
+    return MixedPool2d(learned=True)
+
+
+class StochasticPool2d(nn.Module):
+    """Stochastic pooling (Zeiler & Fergus, 2013) over 2×2 windows. Training: one activation of each
+    window, drawn with probability proportional to its value (negative values count as 0; a window of
+    zeros gives 0). Evaluation: the probability-weighted average Σ pᵢ·aᵢ. Draws use torch's generator,
+    so a seeded run repeats exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        h2, w2 = h // 2, w // 2
+        windows = (x[:, :, :2 * h2, :2 * w2].reshape(n, c, h2, 2, w2, 2)
+                   .permute(0, 1, 2, 4, 3, 5).reshape(n, c, h2, w2, 4))
+        weights = windows.clamp(min=0)
+        total = weights.sum(-1, keepdim=True)
+        probs = torch.where(total > 0, weights / total.clamp(min=torch.finfo(x.dtype).tiny), 0.25)
+        if not self.training:
+            return (probs * windows).sum(-1) * (total.squeeze(-1) > 0)
+        pick = torch.multinomial(probs.reshape(-1, 4).float(), 1).reshape(n, c, h2, w2, 1)
+        return windows.gather(-1, pick).squeeze(-1) * (total.squeeze(-1) > 0)
+
+
+@POOLS.register(name="stochastic")
+def stochastic_pool(channels: int) -> nn.Module:
+    """Stochastic pooling: sample in proportion to activations while training, their weighted average at evaluation."""
+    return StochasticPool2d()
+
+
+@POOLS.register(name="learned")
+def learned_pool(channels: int) -> nn.Module:
+    """Learnable pooling: a 2×2 convolution with stride 2 over each channel set (Springenberg et al., 2015)."""
+    return nn.Conv2d(channels, channels, 2, stride=2)
+
+
 def conv_block(cin: int, cout: int, kernel: int, padding: int, norm: str, activation: str,
                num_groups: int = 4, stride: int = 1) -> list[nn.Module]:
     """conv → norm → activation; the conv has no bias when a norm follows it."""
@@ -142,15 +220,24 @@ def lenet5(
     dropout: float = 0.0,
     dropout2d: float = 0.0,
     num_groups: int = 4,
+    pool: str = "max",
+    head: str = "flatten",
 ) -> nn.Module:
-    """LeNet-5: conv 6@5×5 pad 2, pool, conv 16@5×5, pool, fc 120, fc 84, fc classes (61,706 params on 28×28)."""
+    """LeNet-5: conv 6@5×5 pad 2, pool, conv 16@5×5, pool, fc 120, fc 84, fc classes (61,706 params on 28×28).
+
+    ``head``: ``flatten`` feeds the 16×5×5 map to the fully connected layers; ``gap`` averages each of the
+    16 channels over the map first (global average pooling, Lin et al. 2014), so fc 120 has 16 inputs, not 400.
+    """
+    if head not in ("flatten", "gap"):
+        raise ValueError(f"lenet5 head '{head}': use 'flatten' or 'gap'")
     features = nn.Sequential(
         *conv_block(in_channels, 6, 5, 2, norm, activation, num_groups),
-        nn.MaxPool2d(2),
+        POOLS.create(pool, channels=6),
         _spatial_dropout(dropout2d),
         *conv_block(6, 16, 5, 0, norm, activation, num_groups),
-        nn.MaxPool2d(2),
+        POOLS.create(pool, channels=16),
         _spatial_dropout(dropout2d),
+        *([nn.AdaptiveAvgPool2d(1)] if head == "gap" else []),
         nn.Flatten(),
     )
     n = _flat_features(features, in_channels, image_size)
@@ -176,6 +263,7 @@ def mnist_net(
     dropout: float = 0.25,
     dropout2d: float = 0.0,
     num_groups: int = 4,
+    pool: str = "max",
 ) -> nn.Module:
     """The PyTorch-examples MNIST net: conv 32@3×3, conv 64@3×3, max-pool, dropout, fc 128, dropout, fc classes.
 
@@ -187,7 +275,7 @@ def mnist_net(
         *conv_block(in_channels, 32, 3, 0, norm, activation, num_groups),
         _spatial_dropout(dropout2d),
         *conv_block(32, 64, 3, 0, norm, activation, num_groups),
-        nn.MaxPool2d(2),
+        POOLS.create(pool, channels=64),
         nn.Dropout(dropout),
         nn.Flatten(),
     )
@@ -213,6 +301,7 @@ def simple_cnn(
     num_groups: int = 4,
     width: int = 32,
     depth: int = 3,
+    pool: str = "max",
 ) -> nn.Module:
     """``depth`` 3×3 conv blocks, the first ``width`` channels wide and doubling each block; global-average head.
 
@@ -228,7 +317,7 @@ def simple_cnn(
         cout = width * 2**i
         layers += [*conv_block(cin, cout, 3, 1, norm, activation, num_groups), _spatial_dropout(dropout2d)]
         if size >= 8:
-            layers.append(nn.MaxPool2d(2))
+            layers.append(POOLS.create(pool, channels=cout))
             size //= 2
         cin = cout
     return nn.Sequential(
@@ -402,6 +491,7 @@ def build(config, in_channels: int, num_classes: int, image_size: int) -> nn.Mod
         dropout=config.dropout,
         dropout2d=config.dropout2d,
         num_groups=config.num_groups,
+        pool=config.pool,
         **config.kwargs,
     )
 

@@ -30,6 +30,7 @@ def rough_seconds(exp: Experiment) -> float:
     rate = MODELS.info(exp.model.name).get("cpu_img_per_s", 1000)
     size = exp.data.image_size or (exp.data.synthetic.image_size if exp.data.dataset == "synthetic" else 28)
     size = 32 if exp.data.dataset.startswith("cifar") and not exp.data.image_size else size
+    size = max(size, exp.data.canvas or 0)  # the images the net sees are the canvas
     rate *= (28 / size) ** 2
     return train_images(exp) * trained_epochs(exp) / rate
 

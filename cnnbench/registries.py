@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from cnnbench.augment import AUGMENTATIONS
 from cnnbench.data import DATASETS
-from cnnbench.models import ACTIVATIONS, MODELS, NORMS
+from cnnbench.models import ACTIVATIONS, MODELS, NORMS, POOLS
 from cnnbench.optim import OPTIMIZERS, SCHEDULES
 from cnnbench.registry import Registry
 
 
 def all_registries() -> dict[str, Registry]:
-    """kind → registry (``dataset``, ``augmentation``, ``model``, ``norm``, ``activation``, ``optimizer``, ``schedule``)."""
-    return {r.kind: r for r in (DATASETS, AUGMENTATIONS, MODELS, NORMS, ACTIVATIONS, OPTIMIZERS, SCHEDULES)}
+    """kind → registry (``dataset``, ``augmentation``, ``model``, ``norm``, ``activation``, ``pool``, ``optimizer``,
+    ``schedule``)."""
+    return {r.kind: r for r in (DATASETS, AUGMENTATIONS, MODELS, NORMS, ACTIVATIONS, POOLS, OPTIMIZERS, SCHEDULES)}

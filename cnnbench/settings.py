@@ -97,6 +97,8 @@ class ModelConfig(Strict):
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout before the linear layers")
     dropout2d: float | None = Field(None, ge=0.0, lt=1.0, description="channel dropout (Dropout2d) after conv blocks")
     num_groups: PositiveInt | None = Field(None, description="norm: group — groups per GroupNorm (reduced to a divisor of the channels)")
+    pool: str | None = Field(None, description="max | avg | mixed | mixed_learned | stochastic | learned: the 2×2 "
+                                               "downsampling between conv blocks (default: the model's own)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory (width, depth, cbam, …)")
 
     @field_validator("name")
@@ -114,6 +116,11 @@ class ModelConfig(Strict):
     def _activation(cls, v: str | None, info: ValidationInfo) -> str | None:
         return v if v is None else _check_registered(v, info, "activation")
 
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None else _check_registered(v, info, "pool")
+
     @model_validator(mode="after")
     def _factory_accepts(self, info: ValidationInfo) -> ModelConfig:
         """Knobs and kwargs must be arguments of the model's factory (checked when registries are given)."""
@@ -124,7 +131,7 @@ class ModelConfig(Strict):
         open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         named = [k for k in params if k not in ("in_channels", "num_classes", "image_size")
                  and params[k].kind is not inspect.Parameter.VAR_KEYWORD]
-        for knob in ("norm", "activation", "dropout", "dropout2d", "num_groups"):
+        for knob in ("norm", "activation", "dropout", "dropout2d", "num_groups", "pool"):
             if getattr(self, knob) is not None and knob not in params:
                 raise ValueError(f"model '{self.name}' has no '{knob}' knob; it takes: {', '.join(named) or 'only kwargs'}")
         for key in self.kwargs:

@@ -7,7 +7,7 @@ from cnnbench import data as datamod
 from cnnbench.augment import AUGMENTATIONS, BatchAugment
 from cnnbench.config import DataConfig, Experiment
 from cnnbench.data import DATASETS, DataNotFoundError
-from cnnbench.models import ACTIVATIONS, MODELS, NORMS, build, count_params
+from cnnbench.models import ACTIVATIONS, MODELS, NORMS, POOLS, MixedPool2d, StochasticPool2d, build, count_params
 from cnnbench.train import train
 
 # Datasets that need no files: every registered model must train on each.
@@ -49,6 +49,60 @@ def test_every_norm_and_activation_builds_into_every_model(norm, activation):
         has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         assert has_bn == (norm == "batch")
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("pool", POOLS.names())
+def test_every_pool_halves_the_map_in_every_model_that_pools_and_trains(pool):
+    torch.manual_seed(0)
+    for name in ("lenet5", "mnist_net", "simple_cnn"):
+        model = build(Experiment(model={"name": name, "pool": pool}).model, in_channels=1, num_classes=10, image_size=28)
+        plain = build(Experiment(model={"name": name}).model, in_channels=1, num_classes=10, image_size=28)
+        extra = {"learned": None, "mixed_learned": None}.get(pool, 0)  # the others add no parameters
+        if extra is not None:
+            assert count_params(model) == count_params(plain), (name, pool)
+        else:
+            assert count_params(model) > count_params(plain)
+        out = model.train()(torch.rand(4, 1, 28, 28))
+        out.sum().backward()
+        assert out.shape == (4, 10) and model.eval()(torch.rand(4, 1, 28, 28)).shape == (4, 10)
+    assert count_params(build(Experiment(model={"name": "lenet5", "pool": "mixed_learned"}).model, 1, 10, 28)) == 61_708
+
+
+def test_mixed_and_stochastic_pooling_compute_what_their_papers_say():
+    x = torch.tensor([[[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[-1.0, 2.0], [1.0, 1.0]]]])  # 3 windows
+    assert torch.allclose(MixedPool2d(learned=False)(x).flatten(), torch.tensor([2.0, 0.0, 1.375]))  # ½(max + avg)
+    pool = StochasticPool2d().eval()  # Σ pᵢaᵢ with pᵢ ∝ max(aᵢ, 0): (1 + 9)/4; zeros → 0; (4 + 1 + 1)/4 (−1 has p = 0)
+    assert torch.allclose(pool(x).flatten(), torch.tensor([2.5, 0.0, 1.5]))
+    pool.train()
+    torch.manual_seed(0)
+    draws = torch.stack([pool(x).flatten() for _ in range(4000)])
+    assert set(draws[:, 0].tolist()) == {1.0, 3.0} and set(draws[:, 1].tolist()) == {0.0}
+    assert (draws[:, 0] == 3.0).float().mean() == pytest.approx(0.75, abs=0.03)  # p(3) = 3/4
+    assert set(draws[:, 2].tolist()) == {1.0, 2.0}  # a negative activation is never drawn
+    torch.manual_seed(1)
+    first = pool(x.repeat(8, 1, 1, 1))
+    torch.manual_seed(1)
+    assert torch.equal(first, pool(x.repeat(8, 1, 1, 1)))  # a seeded run repeats exactly
+
+
+def test_global_average_pooling_head_replaces_the_400_flattened_features_with_16():
+    gap = build(Experiment(model={"name": "lenet5", "kwargs": {"head": "gap"}}).model, 1, 10, 28)
+    assert count_params(gap) == 61_706 - 400 * 120 + 16 * 120
+    assert gap(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="lenet5 head 'fc': use 'flatten' or 'gap'"):
+        build(Experiment(model={"name": "lenet5", "kwargs": {"head": "fc"}}).model, 1, 10, 28)
+
+
+def test_pool_names_are_checked_and_models_without_pooling_refuse_the_knob():
+    from cnnbench.registries import all_registries
+
+    ctx = {"registries": all_registries()}
+    with pytest.raises(ValueError, match="unknown pool 'maxx'; did you mean 'max'"):
+        Experiment.model_validate({"model": {"name": "lenet5", "pool": "maxx"}}, context=ctx)
+    with pytest.raises(ValueError, match="model 'resnet' has no 'pool' knob"):
+        Experiment.model_validate({"model": {"name": "resnet", "pool": "avg"}}, context=ctx)
+    default, explicit = Experiment(), Experiment(model={"pool": "max"})
+    assert default.fingerprint(0) != explicit.fingerprint(0) and "pool" not in default.identity()["model"]
 
 
 def test_real_mnist_loads_from_the_data_dir(mnist_dir):

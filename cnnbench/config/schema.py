@@ -42,7 +42,7 @@ FINGERPRINT_VERSION = 1
 
 # (section, key) of settings added after FINGERPRINT_VERSION 1; see Experiment.identity
 ADDED_AFTER_V1 = [("train", k) for k in ("precision", "channels_last", "compile", "compile_mode", "deterministic",
-                                         "cudnn_benchmark")] + [("data", "label_noise"), ("data", "canvas")]
+                                         "cudnn_benchmark")] + [("data", "label_noise"), ("data", "canvas"), ("model", "pool")]
 
 
 class _Experiment(Strict):
