@@ -21,7 +21,7 @@ import difflib
 import math
 from dataclasses import dataclass
 
-FORMATS = ("pct", "float", "seconds", "rate", "bytes", "int", "ms", "kib")
+FORMATS = ("pct", "float", "seconds", "rate", "bytes", "int", "ms", "kib", "sci")
 BETTER = ("higher", "lower", "cost", "neutral")
 KINDS = ("stochastic", "timing", "deterministic")
 
@@ -61,6 +61,7 @@ class Metric:
             "int": lambda: f"{v:,.0f}",
             "ms": lambda: f"{v:.2f} ms",
             "kib": lambda: f"{v / 1024:,.1f} KiB",
+            "sci": lambda: f"{v:.1e}",
         }[self.fmt]()
 
     def delta(self, v: float | None) -> str:
@@ -70,7 +71,8 @@ class Metric:
         if self.fmt == "pct":
             return f"{100 * v:+.2f} pp"
         return {"seconds": f"{v:+.2f} s", "rate": f"{v:+,.0f}/s", "bytes": f"{v / 2**20:+.1f} MiB",
-                "int": f"{v:+,.0f}", "ms": f"{v:+.2f} ms", "kib": f"{v / 1024:+,.1f} KiB"}.get(self.fmt, f"{v:+.4f}")
+                "int": f"{v:+,.0f}", "ms": f"{v:+.2f} ms", "kib": f"{v / 1024:+,.1f} KiB",
+                "sci": f"{v:+.1e}"}.get(self.fmt, f"{v:+.4f}")
 
     @property
     def is_speed(self) -> bool:
@@ -137,6 +139,8 @@ _ROWS = (
     Metric("low_rank_params_after", "low-rank params after", "int", "cost", "deterministic"),
     Metric("low_rank_layers", "low-rank layers", "int", "neutral", "deterministic"),
     Metric("low_rank_energy_kept", "low-rank energy kept", "pct", "higher", "deterministic"),
+    # ── deployment ──
+    Metric("deploy_max_abs_diff", "max |Δ output| vs trained", "sci", "lower", "deterministic"),
     # ── search runs and their trials (issue: fair tuning) ──
     Metric("objective", "objective", "float", "neutral", "stochastic"),  # its direction is search.direction's
     Metric("best_value", "best value", "float", "neutral", "stochastic"),

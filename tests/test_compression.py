@@ -306,6 +306,45 @@ def test_finetune_is_the_same_epochs_control_that_changes_nothing_else(cli, work
     assert "variants.more.finetune.epochs: Input should be greater than 0" in msg
 
 
+def test_batch_norm_folds_into_the_convs_and_every_deployed_form_matches_the_trained_model():
+    from torch.export import export
+
+    from cnnbench.techniques.deploy import fuse_bn
+
+    torch.manual_seed(0)
+    model = MODELS.create("lenet5", in_channels=1, num_classes=10, image_size=28, norm="batch")
+    model.train()(torch.randn(64, 1, 28, 28))  # running statistics that are not the identity
+    model.eval()
+    x = torch.randn(8, 1, 28, 28)
+    fused = fuse_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    # each BatchNorm2d (2 × its channels) goes; its bias-free conv gains a bias (1 × channels)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters()) - (6 + 16)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max() < 1e-4
+        assert torch.equal(export(fused, (x,)).module()(x), fused(x))
+
+
+def test_deployment_variants_record_their_form_and_how_far_their_outputs_moved(cli, workdir, count_trainings):
+    text = COMPRESSION_SUITE.split("variants:")[0].replace("name: comp", "name: dep").replace(
+        "model: {name: lenet5}", "model: {name: lenet5, norm: batch}") + (
+        "variants:\n  eager: {}\n  fused: {deploy: {fuse_bn: true}}\n"
+        "  fused_exported: {deploy: {fuse_bn: true, form: exported}}\nbaseline: eager\nseeds: 1\n")
+    result = cli("run", write_suite(workdir / "dep.yaml", text), "-q")
+    assert result.exit_code == 0, result.output
+    assert len(count_trainings) == 1  # the deployed forms reuse the trained baseline
+    runs = {r.info.run_name: r.data for r in child_runs("dep")}
+    for name, tag in (("fused", "batch norm folded into convs, eager"),
+                      ("fused_exported", "batch norm folded into convs, torch.export")):
+        assert runs[f"{name}/seed0"].tags["cnnbench.deployment"] == tag
+        assert runs[f"{name}/seed0"].metrics["deploy_max_abs_diff"] < 1e-4
+        assert runs[f"{name}/seed0"].metrics["params"] == runs["eager/seed0"].metrics["params"] - (6 + 16)
+        assert abs(runs[f"{name}/seed0"].metrics["test_accuracy"] - runs["eager/seed0"].metrics["test_accuracy"]) < 0.01
+    [msg] = problems(write_suite(workdir / "bad.yaml", text.replace(
+        "fused: {deploy: {fuse_bn: true}}", "fused: {deploy: {fuse_bn: true}, quantize: {method: static}}")))
+    assert "quantize deploys its own int8 graph (compiled); remove deploy from this variant" in msg
+
+
 @pytest.mark.slow
 def test_compression_variants_reuse_the_trained_baseline_and_record_inference_metrics(cli, workdir, count_trainings):
     path = write_suite(workdir / "comp.yaml", COMPRESSION_SUITE)
