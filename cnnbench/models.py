@@ -200,6 +200,37 @@ def _spatial_dropout(p: float) -> nn.Module:
     return nn.Dropout2d(p) if p > 0 else nn.Identity()
 
 
+class ScheduledDropBlock2d(nn.Module):
+    """DropBlock (Ghiasi et al., 2018: drop contiguous ``block_size``² regions of a feature map, rescaling the
+    rest) through ``torchvision.ops.DropBlock2d``, with the paper's linear schedule: the drop rate grows
+    from 0 at the start of training to ``p`` at its last epoch (the training loop calls
+    ``set_training_progress``). At evaluation it is the identity."""
+
+    def __init__(self, p: float, block_size: int):
+        super().__init__()
+        from torchvision.ops import DropBlock2d
+
+        self.target_p = p
+        self.block = DropBlock2d(0.0, block_size)
+
+    def set_training_progress(self, fraction: float) -> None:
+        self.block.p = self.target_p * min(max(fraction, 0.0), 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def _dropblock(p: float, block_size: int) -> nn.Module:
+    return ScheduledDropBlock2d(p, block_size) if p > 0 else nn.Identity()
+
+
+def set_training_progress(model: nn.Module, fraction: float) -> None:
+    """Tell every scheduled regularizer in ``model`` how far training has come (0 at the start, 1 at the end)."""
+    for m in model.modules():
+        if isinstance(m, ScheduledDropBlock2d):
+            m.set_training_progress(fraction)
+
+
 def _flat_features(features: nn.Module, in_channels: int, image_size: int) -> int:
     with torch.no_grad():
         return features(torch.zeros(1, in_channels, image_size, image_size)).numel()
@@ -222,19 +253,24 @@ def lenet5(
     num_groups: int = 4,
     pool: str = "max",
     head: str = "flatten",
+    dropblock: float = 0.0,
+    dropblock_size: int = 3,
 ) -> nn.Module:
     """LeNet-5: conv 6@5×5 pad 2, pool, conv 16@5×5, pool, fc 120, fc 84, fc classes (61,706 params on 28×28).
 
     ``head``: ``flatten`` feeds the 16×5×5 map to the fully connected layers; ``gap`` averages each of the
     16 channels over the map first (global average pooling, Lin et al. 2014), so fc 120 has 16 inputs, not 400.
+    ``dropblock``: DropBlock after each conv block, at most this rate (reached linearly by the last epoch).
     """
     if head not in ("flatten", "gap"):
         raise ValueError(f"lenet5 head '{head}': use 'flatten' or 'gap'")
     features = nn.Sequential(
         *conv_block(in_channels, 6, 5, 2, norm, activation, num_groups),
+        _dropblock(dropblock, dropblock_size),
         POOLS.create(pool, channels=6),
         _spatial_dropout(dropout2d),
         *conv_block(6, 16, 5, 0, norm, activation, num_groups),
+        _dropblock(dropblock, dropblock_size),
         POOLS.create(pool, channels=16),
         _spatial_dropout(dropout2d),
         *([nn.AdaptiveAvgPool2d(1)] if head == "gap" else []),
@@ -351,8 +387,11 @@ class BasicBlock(nn.Module):
     """CIFAR ResNet basic block: two 3×3 convs, a 1×1 projection shortcut when the shape changes."""
 
     def __init__(self, cin: int, cout: int, stride: int, norm: str, activation: str, num_groups: int,
-                 dropout2d: float, cbam: bool, cbam_reduction: int):
+                 dropout2d: float, cbam: bool, cbam_reduction: int, dropblock: float = 0.0, dropblock_size: int = 3,
+                 drop_path: float = 0.0):
         super().__init__()
+        from torchvision.ops import StochasticDepth
+
         bias = norm == "none"
         self.body = nn.Sequential(
             *conv_block(cin, cout, 3, 1, norm, activation, num_groups, stride=stride),
@@ -360,7 +399,11 @@ class BasicBlock(nn.Module):
             nn.Conv2d(cout, cout, 3, padding=1, bias=bias),
             NORMS.create(norm, channels=cout, num_groups=num_groups),
             CBAM(cout, cbam_reduction) if cbam else nn.Identity(),
+            _dropblock(dropblock, dropblock_size),
         )
+        # stochastic depth (Huang et al., 2016): in training, the whole residual branch of a sample is
+        # dropped with probability drop_path (the survivors rescaled); at evaluation it is always there
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
@@ -369,7 +412,7 @@ class BasicBlock(nn.Module):
         self.act = ACTIVATIONS.create(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+        return self.act(self.drop_path(self.body(x)) + self.shortcut(x))
 
 
 @MODELS.register(cpu_img_per_s=700)
@@ -386,23 +429,34 @@ def resnet(
     width: int = 16,
     cbam: bool = False,
     cbam_reduction: int = 16,
+    dropblock: float = 0.0,
+    dropblock_size: int = 3,
+    stochastic_depth: float = 0.0,
 ) -> nn.Module:
     """CIFAR-style ResNet (He et al., 2016): ``depth`` = 6n+2 (20, 32, 56, …), stages of width 16/32/64.
 
     A 3×3 stem, three stages of n basic blocks (stride 2 at the start of stages 2 and 3, 1×1
     projection shortcuts), global average pooling, dropout, linear. ``cbam: true`` puts a CBAM
     attention module at the end of every block's residual branch. ResNet-20 has 0.27 M parameters.
+    ``dropblock``: DropBlock at the end of the residual branches of stages 2 and 3 (as Ghiasi et al. put it in
+    the later groups), its rate rising linearly to this by the last epoch. ``stochastic_depth``: the last
+    block's drop probability; block l of L drops its branch with probability l/L of it (the linear decay rule).
     """
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"resnet depth must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+    if not 0 <= stochastic_depth < 1:
+        raise ValueError(f"resnet stochastic_depth must be in [0, 1), got {stochastic_depth}")
     n = (depth - 2) // 6
     layers: list[nn.Module] = list(conv_block(in_channels, width, 3, 1, norm, activation, num_groups))
-    cin = width
+    cin, blocks = width, 3 * n
     for stage in range(3):
         cout = width * 2**stage
         for i in range(n):
             stride = 2 if stage > 0 and i == 0 else 1
-            layers.append(BasicBlock(cin, cout, stride, norm, activation, num_groups, dropout2d, cbam, cbam_reduction))
+            index = stage * n + i + 1  # 1 … blocks
+            layers.append(BasicBlock(cin, cout, stride, norm, activation, num_groups, dropout2d, cbam, cbam_reduction,
+                                     dropblock=dropblock if stage > 0 else 0.0, dropblock_size=dropblock_size,
+                                     drop_path=stochastic_depth * index / blocks))
             cin = cout
     return nn.Sequential(
         *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)

@@ -33,7 +33,7 @@ from cnnbench.config import Experiment
 from cnnbench.data import Split
 from cnnbench.evaluation import batches, evaluate, index_device, normalizer, test_metrics
 from cnnbench.measure import flops_per_sample, matmul_peak_flops
-from cnnbench.models import build, count_params
+from cnnbench.models import build, count_params, set_training_progress
 from cnnbench.optim import build_optimizer, build_scheduler
 from cnnbench.techniques import compile as compiling
 from cnnbench.techniques import precision as amp
@@ -264,6 +264,8 @@ def _loop(run: _Run, on_epoch, on_batch, checkpoint: TrainingCheckpoint | None) 
     exp, result, device = run.exp, run.result, run.device
     target, patience = exp.train.target_accuracy, exp.train.early_stopping_patience
     for epoch in range(run.first_epoch, exp.train.epochs + 1):
+        # scheduled regularizers (DropBlock's rate) grow linearly: 0 in the first epoch, full in the last
+        set_training_progress(run.model, (epoch - 1) / max(exp.train.epochs - 1, 1))
         # ── train one epoch (timed, the device synchronized) ─────────────────
         devices.synchronize(device)
         compiled_before = compiling.compile_seconds() + devices.compile_seconds(device)

@@ -105,6 +105,41 @@ def test_pool_names_are_checked_and_models_without_pooling_refuse_the_knob():
     assert default.fingerprint(0) != explicit.fingerprint(0) and "pool" not in default.identity()["model"]
 
 
+def test_dropblock_rate_rises_linearly_over_training_and_is_off_at_evaluation():
+    from cnnbench.models import ScheduledDropBlock2d
+
+    exp = Experiment.model_validate({
+        "data": {"dataset": "synthetic", "batch_size": 64, "synthetic": {"train_size": 128, "test_size": 64, "image_size": 28}},
+        "model": {"name": "lenet5", "kwargs": {"dropblock": 0.3, "dropblock_size": 3}},
+        "train": {"epochs": 3}, "device": "cpu"})
+    model = build(exp.model, 1, 10, 28)
+    blocks = [m for m in model.modules() if isinstance(m, ScheduledDropBlock2d)]
+    assert len(blocks) == 2 and all(b.block.block_size == 3 for b in blocks)
+    seen = []
+    result = train(exp, 0, datamod.split(datamod.load(exp.data), 0.1), torch.device("cpu"), model=model,
+                   on_epoch=lambda record: seen.append(blocks[0].block.p))
+    assert result.status == "finished" and seen == pytest.approx([0.0, 0.15, 0.3])  # Ghiasi et al.'s linear ramp
+    x = torch.rand(8, 6, 12, 12) + 0.1
+    assert torch.equal(blocks[0].eval()(x), x)
+    dropped = blocks[0].train()(x)
+    assert (dropped == 0).any() and not torch.equal(dropped, x)  # whole regions zeroed, the rest rescaled
+
+
+def test_stochastic_depth_drops_residual_branches_by_the_linear_decay_rule():
+    plain = MODELS.create("resnet", in_channels=1, num_classes=10, image_size=28, depth=20)
+    deep = MODELS.create("resnet", in_channels=1, num_classes=10, image_size=28, depth=20, stochastic_depth=0.5)
+    deep.load_state_dict(plain.state_dict())  # no parameters added
+    probs = [m.drop_path.p for m in deep if hasattr(m, "drop_path")]
+    assert probs == pytest.approx([0.5 * k / 9 for k in range(1, 10)])  # block l of L: p·l/L
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(deep.eval()(x), plain.eval()(x))  # every branch is there at evaluation
+        torch.manual_seed(0)
+        assert not torch.allclose(deep.train()(x), plain.train()(x))
+    with pytest.raises(ValueError, match="stochastic_depth must be in"):
+        MODELS.create("resnet", in_channels=1, num_classes=10, image_size=28, stochastic_depth=1.0)
+
+
 def test_real_mnist_loads_from_the_data_dir(mnist_dir):
     ds = datamod.load(DataConfig(dataset="mnist"), str(mnist_dir))
     assert ds.train_x.shape == (60_000, 1, 28, 28) and ds.train_x.dtype == torch.uint8
