@@ -95,9 +95,10 @@ def load(config, data_dir_override: str | None = None) -> TensorDataset:
     root = config.path if config.dataset == "imagefolder" else str(data_dir(data_dir_override))
     key = (config.dataset, str(root), config.image_size,
            (syn.channels, syn.image_size, syn.num_classes, syn.train_size, syn.test_size))
-    if not config.label_noise and config.canvas is None:
+    classes = tuple(config.classes) if config.classes is not None else None
+    if not config.label_noise and config.canvas is None and classes is None:
         return _load_cached(*key)
-    return _harder_cached(key, config.label_noise, config.canvas)
+    return _harder_cached(key, config.label_noise, config.canvas, classes)
 
 
 # ───────────────────────────── harder tasks from the same data ─────────────────────────────
@@ -107,8 +108,11 @@ LABEL_NOISE_SEED, CANVAS_SEED = 20260, 20261
 
 
 @functools.lru_cache(maxsize=4)
-def _harder_cached(key: tuple, label_noise: float, canvas: int | None) -> TensorDataset:
+def _harder_cached(key: tuple, label_noise: float, canvas: int | None, classes: tuple[int, ...] | None = None
+                   ) -> TensorDataset:
     data = _load_cached(*key)
+    if classes is not None:
+        data = only_classes(data, classes)
     train_x, test_x, train_y = data.train_x, data.test_x, data.train_y
     if canvas is not None:
         train_x = on_canvas(train_x, canvas, torch.Generator().manual_seed(CANVAS_SEED))
@@ -116,6 +120,19 @@ def _harder_cached(key: tuple, label_noise: float, canvas: int | None) -> Tensor
     if label_noise:
         train_y = noisy_labels(train_y, label_noise, data.num_classes, torch.Generator().manual_seed(LABEL_NOISE_SEED))
     return TensorDataset(data.name, train_x, train_y, test_x, data.test_y, data.num_classes)
+
+
+def only_classes(data: TensorDataset, classes: tuple[int, ...]) -> TensorDataset:
+    """The images of ``classes`` only (train and test, in their original order), relabelled 0…k−1 in the
+    order ``classes`` lists them: a task of its own, e.g. digits 5–9 after pretraining on 0–4."""
+    unknown = [c for c in classes if not 0 <= c < data.num_classes]
+    if unknown:
+        raise ValueError(f"data.classes: {unknown} not in {data.name}, whose classes are 0…{data.num_classes - 1}")
+    relabel = torch.full((data.num_classes,), -1, dtype=torch.int64)
+    relabel[list(classes)] = torch.arange(len(classes))
+    keep_train, keep_test = relabel[data.train_y] >= 0, relabel[data.test_y] >= 0
+    return TensorDataset(data.name, data.train_x[keep_train], relabel[data.train_y[keep_train]],
+                         data.test_x[keep_test], relabel[data.test_y[keep_test]], len(classes))
 
 
 def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int, g: torch.Generator) -> torch.Tensor:

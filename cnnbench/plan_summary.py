@@ -11,6 +11,8 @@ def train_images(exp: Experiment) -> int:
     from cnnbench.data import DATASETS
 
     total = DATASETS.info(exp.data.dataset)["train_size"] or exp.data.synthetic.train_size  # imagefolder: a guess
+    if exp.data.classes is not None:  # roughly: the digit datasets have 10 balanced classes
+        total = total * len(exp.data.classes) // 10
     n = round(total * (1 - exp.data.val_fraction))
     return min(n, exp.data.limit_train) if exp.data.limit_train else n
 

@@ -69,8 +69,19 @@ class DataConfig(Strict):
     canvas: PositiveInt | None = Field(None, description="harder task: each image (after image_size) is placed at a "
                                        "random position on an N×N black canvas, train and test alike (translated "
                                        "digits). Fixed positions: the same for every seed and variant")
+    classes: list[NonNegativeInt] | None = Field(
+        None, min_length=2, description="a task of its own: only these classes, train and test alike, relabelled "
+                                        "0…k−1 in this order (e.g. [0, 1, 2, 3, 4] to pretrain, [5, 6, 7, 8, 9] to "
+                                        "transfer to)")
     path: str | None = Field(None, description="imagefolder: directory with train/ and test/ class folders")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"classes {v}: each class once")
+        return v
 
     @field_validator("dataset")
     @classmethod

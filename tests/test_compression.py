@@ -4,6 +4,7 @@ into a real SQLite MLflow store."""
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -299,7 +300,7 @@ def test_finetune_is_the_same_epochs_control_that_changes_nothing_else(cli, work
     assert len(count_trainings) == 1  # `more` trains on from fp32's weights, not from scratch
     runs = {r.info.run_name: r for r in child_runs("ft")}
     fp32, more = runs["fp32/seed0"].data, runs["more/seed0"].data
-    assert more.tags["cnnbench.compression"] == "fine-tune 1 epoch, nothing removed"
+    assert more.tags["cnnbench.compression"] == "fine-tune 1 epoch, every layer, nothing removed"
     assert more.metrics["params"] == fp32.metrics["params"] and more.metrics["nonzero_params"] == fp32.metrics["params"]
     assert more.metrics["test_loss"] != fp32.metrics["test_loss"]  # it did train
     [msg] = problems(write_suite(workdir / "bad.yaml", text.replace("epochs: 1}", "epochs: 0}")))
@@ -343,6 +344,55 @@ def test_deployment_variants_record_their_form_and_how_far_their_outputs_moved(c
     [msg] = problems(write_suite(workdir / "bad.yaml", text.replace(
         "fused: {deploy: {fuse_bn: true}}", "fused: {deploy: {fuse_bn: true}, quantize: {method: static}}")))
     assert "quantize deploys its own int8 graph (compiled); remove deploy from this variant" in msg
+
+
+TRANSFER_SUITE = """\
+name: tr
+question: Does pretraining on two classes help with two others?
+base:
+  data: {dataset: synthetic, batch_size: 32, val_fraction: 0.25, classes: [2, 3], synthetic: {num_classes: 4, train_size: 512, test_size: 256, image_size: 16}}
+  model: {name: lenet5}
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+  train: {epochs: 2}
+  device: cpu
+  inference: {enabled: false}
+variants:
+  scratch: {}
+  pretrain: {data: {classes: [0, 1]}}
+  finetune: {finetune: {epochs: 2, new_head: true}, start_from: pretrain}
+  frozen: {finetune: {epochs: 2, new_head: true, freeze: backbone}, start_from: pretrain}
+baseline: scratch
+seeds: 2
+report: {not_compared: [pretrain], timing: {enabled: false}}
+"""
+
+
+def test_transfer_fine_tunes_a_source_trained_on_other_classes_and_freezing_keeps_its_backbone(cli, workdir):
+    from cnnbench import data as datamod
+    from cnnbench.posttraining import run_post_training
+    from cnnbench.train import train
+
+    path = write_suite(workdir / "tr.yaml", TRANSFER_SUITE)
+    result = cli("run", path, "-q")
+    assert result.exit_code == 0, result.output
+    runs = {r.info.run_name: r.data for r in child_runs("tr")}
+    assert runs["frozen/seed0"].tags["cnnbench.compression"] == "fine-tune 2 epochs, the last layer only, new head"
+    report = (workdir / "reports" / "tr.md").read_text()
+    assert "| pretrain (not compared) " in report and "`pretrain`" not in report.split("**Answer.**")[1].split("\n")[0]
+    index = (workdir / "reports" / "README.md").read_text()
+    assert re.search(r"\| [012] of 2 \|", index), index  # two comparisons: pretrain is not one
+
+    # freeze: backbone trains the classifier alone, on the source's features
+    suite = load(path)
+    source, frozen = suite.experiments["pretrain"], suite.experiments["frozen"]
+    src = train(source, 0, datamod.split(datamod.load(source.data), 0.25), torch.device("cpu"))
+    state = {k: v.clone() for k, v in src.model.state_dict().items()}
+    out = run_post_training(frozen, 0, datamod.split(datamod.load(frozen.data), 0.25), torch.device("cpu"), state)
+    after = out.model.state_dict()
+    head = [k for k in after if k.startswith("7.")]  # lenet5's last Linear
+    assert head and all(not torch.equal(after[k], state[k]) for k in head)
+    assert all(torch.equal(after[k], state[k]) for k in after if k not in head)
+    assert all(p.requires_grad for p in out.model.parameters())  # unfrozen again afterwards
 
 
 @pytest.mark.slow

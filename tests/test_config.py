@@ -138,6 +138,11 @@ def test_report_against_names_variants_and_gives_the_baseline_none(tmp_path):
     assert "the baseline 'sgd' is what the others are compared with" in msg
     [msg] = problems(write_suite(tmp_path / "c.yaml", three + "report: {against: {adam: adam}}\n"))
     assert "'adam' cannot be compared with itself" in msg
+    assert load(write_suite(tmp_path / "d.yaml", three + "report: {not_compared: [adam_wd]}\n")).compared() == ["sgd", "adam"]
+    [msg] = problems(write_suite(tmp_path / "e.yaml", three + "report: {not_compared: [adam], against: {adam_wd: adam}}\n"))
+    assert "report.not_compared: 'adam' is what other variants are compared with" in msg
+    [msg] = problems(write_suite(tmp_path / "f.yaml", three + "report: {not_compared: [sgd]}\n"))
+    assert "report.not_compared: 'sgd' is what other variants are compared with" in msg
 
 
 def test_registry_names_are_not_checked_without_registries(tmp_path):

@@ -140,6 +140,19 @@ def test_stochastic_depth_drops_residual_branches_by_the_linear_decay_rule():
         MODELS.create("resnet", in_channels=1, num_classes=10, image_size=28, stochastic_depth=1.0)
 
 
+def test_classes_make_a_task_of_their_own_relabelled_in_order():
+    full = datamod.load(DataConfig(dataset="digits"))
+    part = datamod.load(DataConfig(dataset="digits", classes=[7, 3]))
+    assert part.num_classes == 2 and set(part.train_y.tolist()) == {0, 1} and set(part.test_y.tolist()) == {0, 1}
+    assert (part.train_y == 0).sum() == (full.train_y == 7).sum() and (part.test_y == 1).sum() == (full.test_y == 3).sum()
+    assert torch.equal(part.train_x[part.train_y == 0], full.train_x[full.train_y == 7])  # the same images, in order
+    with pytest.raises(ValueError, match=r"data.classes: \[12\] not in digits, whose classes are 0…9"):
+        datamod.load(DataConfig(dataset="digits", classes=[1, 12]))
+    with pytest.raises(ValueError, match="each class once"):
+        DataConfig(dataset="digits", classes=[1, 1])
+    assert "classes" not in Experiment().identity()["data"]  # every earlier run keeps its fingerprint
+
+
 def test_real_mnist_loads_from_the_data_dir(mnist_dir):
     ds = datamod.load(DataConfig(dataset="mnist"), str(mnist_dir))
     assert ds.train_x.shape == (60_000, 1, 28, 28) and ds.train_x.dtype == torch.uint8

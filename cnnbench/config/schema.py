@@ -42,7 +42,7 @@ FINGERPRINT_VERSION = 1
 
 # (section, key) of settings added after FINGERPRINT_VERSION 1; see Experiment.identity
 ADDED_AFTER_V1 = [("train", k) for k in ("precision", "channels_last", "compile", "compile_mode", "deterministic",
-                                         "cudnn_benchmark")] + [("data", "label_noise"), ("data", "canvas"), ("model", "pool")]
+                                         "cudnn_benchmark")] + [("data", "label_noise"), ("data", "canvas"), ("data", "classes"), ("model", "pool")]
 
 
 class _Experiment(Strict):
@@ -188,6 +188,9 @@ class ReportConfig(Strict):
                           "number in the metric's unit), or per metric ({test_accuracy: 0.2 pp, train_time_s: 5%}): "
                           "a comparison whose interval lies inside ±margin is 'equivalent'")
     timing: TimingConfig = Field(default_factory=TimingConfig)
+    not_compared: list[str] = Field(
+        default_factory=list, description="variants that only feed others (a pretraining source) and are not "
+                                          "compared with anything: their runs are reported, no verdict")
     against: dict[str, str] = Field(
         default_factory=dict, description="variant → the variant it is compared with instead of the baseline: a "
                                           "control that differs from it in one thing only (a dense model fine-tuned "
@@ -375,7 +378,21 @@ class Suite(Strict):
                                  "it cannot have a reference of its own")
             if variant == reference:
                 raise ValueError(f"report.against: '{variant}' cannot be compared with itself")
+        for name in self.report.not_compared:
+            if name not in self.variants:
+                raise ValueError(f"report.not_compared: '{name}' is not a variant;"
+                                 f"{did_you_mean(name, list(self.variants))} variants: {', '.join(self.variants)}")
+            if name == self.baseline or name in self.report.against.values():
+                raise ValueError(f"report.not_compared: '{name}' is what other variants are compared with; "
+                                 "a variant that is not compared cannot be a reference")
+            if name in self.report.against:
+                raise ValueError(f"report.not_compared: '{name}' also has a reference in report.against; "
+                                 "give it one or the other")
         return self
+
+    def compared(self) -> list[str]:
+        """The variants that get a verdict, and the baseline: all but ``report.not_compared``."""
+        return [v for v in self.variants if v not in self.report.not_compared]
 
     def reference(self, variant: str) -> str:
         """The variant ``variant`` is compared with: its ``report.against`` entry, else the baseline."""

@@ -197,7 +197,7 @@ def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.Dat
         summary = "Every metric: mean ± sd over seeds"
     else:
         margin, _ = suite.report.margin_for(suite.report.primary)
-        k = len(suite.variants) - 1
+        k = len(suite.compared()) - 1
         intro = (f"Each variant against the baseline, paired by seed. {pairing(suite)} The {suite.report.primary} column "
                  "is the mean over finished seeds with a t-interval. Δ is the mean paired difference with a paired "
                  + (f"t-interval that holds for all {k} comparisons at once (Bonferroni)" if k > 1 else "t-interval")

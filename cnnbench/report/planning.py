@@ -17,7 +17,7 @@ def seed_plan(suite: Suite, frame) -> list[str]:
     metric and about how many seeds a fixed-seed run needs to detect the margin (80% power, at α/m)."""
     primary, alpha = suite.report.primary, suite.report.alpha
     fmt = metric(primary)
-    m = max(1, len(suite.variants) - 1)
+    m = max(1, len(suite.compared()) - 1)
     margin, relative = suite.report.margin_for(primary)
     lines = [f"Verdicts: {suite.looks().describe()}; intervals simultaneous across {m} comparison(s)."]
     if len(suite.variants) == 1:
@@ -31,7 +31,7 @@ def seed_plan(suite: Suite, frame) -> list[str]:
         lines.append(f"No report.margin for {primary}: planning for the observed differences (a margin would let a "
                      "comparison end 'equivalent').")
     level = alpha / m
-    for v in suite.variants:
+    for v in suite.compared():
         if v == suite.baseline:
             continue
         reference = base if suite.reference(v) == suite.baseline else per_seed(runs, suite.reference(v), primary)

@@ -110,7 +110,7 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) ->
         margin, relative = suite.report.margin_for(m)
         if row.is_speed and margin is None:
             margin, relative = suite.report.timing.relative_margin, True
-        values = {v: per_seed(runs, v, m) for v in suite.variants}
+        values = {v: per_seed(runs, v, m) for v in suite.compared()}
         kind = "timing" if row.is_speed else "deterministic" if row.kind == "deterministic" else "stochastic"
         out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher_is_better(suite, m),
                                    kind=kind, margin=margin, relative_margin=relative, floor=floor,

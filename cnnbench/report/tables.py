@@ -122,6 +122,8 @@ def variant_label(suite: Suite, variant: str) -> str:
     """The variant as a table row names it: the baseline in bold, a variant with its own reference with it."""
     if variant == suite.baseline:
         return f"**{variant}** (baseline)"
+    if variant in suite.report.not_compared:
+        return f"{variant} (not compared)"
     return variant if suite.reference(variant) == suite.baseline else f"{variant} (vs `{suite.reference(variant)}`)"
 
 
@@ -138,7 +140,7 @@ def verdict_table(suite: Suite, runs: pd.DataFrame, comps: dict) -> pd.DataFrame
             f"Δ vs {'reference' if suite.report.against else 'baseline'} [simultaneous {1 - alpha:.0%} CI]":
                 "–" if r is None else delta_ci(r, fmt),
             "p (adj.)": "–" if r is None else p_text(r.p_adj),
-            "verdict": verdict_text(r, fmt),
+            "verdict": "–" if variant in suite.report.not_compared else verdict_text(r, fmt),
             "detectable (80% power)": detectable_text(r, fmt),
             "time to target (KM median)": str(time_to_target(runs, variant)),
         }
