@@ -162,7 +162,7 @@ def test_horizontal_flip_on_digits_is_allowed_with_a_warning(tmp_path):
 def test_model_knobs_and_kwargs_are_checked_against_the_factory(tmp_path):
     text = TINY_SUITE.replace("{name: lenet5}", "{name: resnet, kwargs: {dept: 20}}")
     [msg] = problems(write_suite(tmp_path / "s.yaml", text))
-    assert msg.endswith("s.yaml:5: base.model: model 'resnet' has no argument 'dept'; did you mean 'depth'? it takes: norm, activation, dropout, dropout2d, num_groups, depth, width, cbam, cbam_reduction")
+    assert msg.endswith("s.yaml:5: base.model: model 'resnet' has no argument 'dept'; did you mean 'depth'? it takes: norm, activation, dropout, dropout2d, num_groups, depth, width, cbam, cbam_reduction, dropblock, dropblock_size, stochastic_depth")
     text = TINY_SUITE.replace("{name: lenet5}", "{name: torchvision.resnet18, norm: batch}")
     [msg] = problems(write_suite(tmp_path / "s.yaml", text))
     assert "model 'torchvision.resnet18' has no 'norm' knob" in msg
