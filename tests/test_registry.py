@@ -36,7 +36,8 @@ def test_duplicate_registration_is_an_error():
 
 def test_all_kinds_are_registered():
     regs = all_registries()
-    assert set(regs) == {"dataset", "augmentation", "model", "norm", "activation", "optimizer", "schedule"}
+    assert set(regs) == {"dataset", "augmentation", "model", "norm", "activation", "pool", "optimizer", "schedule"}
+    assert {"max", "avg", "mixed", "mixed_learned", "stochastic", "learned"} == set(regs["pool"].names())
     assert {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic"} <= set(regs["dataset"].names())
     assert {"lenet5", "mnist_net"} <= set(regs["model"].names())
     assert {"sgd", "adam"} <= set(regs["optimizer"].names())
