@@ -419,6 +419,7 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
     from cnnbench import data as datamod
     from cnnbench import devices, techniques
     from cnnbench.deployment import measure_deployed
+    from cnnbench.distributed import train_distributed
     from cnnbench.posttraining import run_post_training
     from cnnbench.timing import LoadMonitor
     from cnnbench.train import check_supported, train
@@ -482,8 +483,12 @@ def _run_one(spec: RunSpec, tracker: Tracker, exp_id: str, parent: str, env: dic
                 ckpt, resumed = checkpoints.open(spec.fingerprint, run_id)
                 if resumed:
                     tracker.log(run_id, tags=resumed)
-            result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch),
-                           loss_fn=losses[0] if losses else None, checkpoint=ckpt)
+            if exp.train.processes > 1:  # one run over N processes (no mid-run checkpoint: it restarts whole)
+                result = train_distributed(exp, spec.seed, split, device, on_epoch=on_epoch,
+                                           on_batch=interruptible(events.batch))
+            else:
+                result = train(exp, spec.seed, split, device, on_epoch=on_epoch, on_batch=interruptible(events.batch),
+                               loss_fn=losses[0] if losses else None, checkpoint=ckpt)
             if ckpt is not None and ckpt.on_saved is not None:  # what travelling checkpoints cost this run
                 result.metrics["checkpoint_upload_s"] = ckpt.on_saved.seconds
         measure_deployed(result, exp, split, device)  # test a compressed model; inference metrics of every run

@@ -194,7 +194,12 @@ class ScheduleConfig(Strict):
 class TrainConfig(Strict):
     epochs: PositiveInt = 5
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0, description="validation accuracy for time-to-target")
-    threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's own")
+    threads: PositiveInt | None = Field(None, description="torch.set_num_threads; default: torch's own (with "
+                                                          "processes > 1: the CPU's cores shared between them)")
+    processes: PositiveInt = Field(1, description="data-parallel training of this run: N processes (torch.distributed "
+                                                  "DDP; gloo on the CPU, nccl on CUDA), each with 1/N of every batch "
+                                                  "(the global batch stays data.batch_size, so the learning rate is "
+                                                  "unchanged)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing (training loss only)")
     grad_clip_norm: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
     early_stopping_patience: PositiveInt | None = Field(

@@ -101,6 +101,11 @@ def check_supported(exp: Experiment, device: torch.device) -> None:
     """Raise ``devices.Unsupported`` (→ the run is skipped with the reason) if ``device`` cannot run ``exp``."""
     for technique in techniques.active(exp):
         technique.check_device(exp, device)
+    if exp.train.processes > 1 and device.type not in ("cpu", "cuda"):
+        raise devices.Unsupported(f"train.processes > 1 runs on the CPU (gloo) or CUDA (nccl), not on {device.type}")
+    if exp.train.processes > 1 and device.type == "cuda" and torch.cuda.device_count() < exp.train.processes:
+        raise devices.Unsupported(f"train.processes: {exp.train.processes} needs as many GPUs; this machine has "
+                                  f"{torch.cuda.device_count()}")
 
 
 def train(
@@ -116,6 +121,7 @@ def train(
     checkpoint: TrainingCheckpoint | Path | None = None,
     on_check: Callable[[float, dict[str, float]], None] | None = None,
     checks_per_epoch: int = 1,
+    rank_world: tuple[int, int] = (0, 1),
 ) -> RunResult:
     """Train ``exp`` with ``seed`` on ``split``; per-epoch metrics go to ``on_epoch`` as they arrive.
 
@@ -130,13 +136,15 @@ def train(
     weights instead of the seed's initial ones (fine-tuning); ``loss_fn(logits, labels, inputs)``
     replaces the cross-entropy (distillation). ``checkpoint``: the training state is written there
     (atomically) after every epoch, and a run that finds one continues after its last finished epoch
-    with the same result as an uninterrupted run.
+    with the same result as an uninterrupted run. ``rank_world``: this process's rank and the number of
+    processes in a data-parallel run (``cnnbench.distributed`` starts them, with the process group up):
+    each takes its share of every batch and DDP averages the gradients.
     """
     if isinstance(checkpoint, Path):
         checkpoint = TrainingCheckpoint(checkpoint)
     check_supported(exp, device)
     with run_settings(exp, device):
-        run = _setup(exp, seed, split, device, model, loss_fn)
+        run = _setup(exp, seed, split, device, model, loss_fn, rank_world)
         if checkpoint is not None and checkpoint.path.exists():
             _resume(run, checkpoint, on_epoch)
         run.on_check, run.checks_per_epoch = on_check, checks_per_epoch if on_check is not None else 1
@@ -185,6 +193,8 @@ class _Run:
     on_check: Callable | None = None  # mid-epoch validations (see train's checks_per_epoch)
     checks_per_epoch: int = 1
     check_time: float = 0.0  # seconds of mid-epoch validation, taken out of the training time
+    rank: int = 0  # data-parallel training: this process's share of every batch, of ``world``
+    world: int = 1
 
     def autocast(self):
         """A fresh autocast context of the run's precision (a no-op for fp32)."""
@@ -196,7 +206,8 @@ class _Run:
                 "epochs_since_best": self.epochs_since_best, "history": self.result.history}
 
 
-def _setup(exp: Experiment, seed: int, split: Split, device: torch.device, model, loss_fn) -> _Run:
+def _setup(exp: Experiment, seed: int, split: Split, device: torch.device, model, loss_fn,
+           rank_world: tuple[int, int] = (0, 1)) -> _Run:
     data = split.data
     c, h, w = data.shape
     model = model if model is not None else initial_model(exp, seed, data)
@@ -207,6 +218,9 @@ def _setup(exp: Experiment, seed: int, split: Split, device: torch.device, model
     step_model = model
     for technique in techniques.active(exp, "training"):
         step_model = technique.step_model(exp, step_model)
+    rank, world = rank_world
+    if world > 1:  # every process starts from the same weights (the seed's); DDP averages the gradients
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model)
     optimizer = build_optimizer(exp.optimizer, model)
     scale, shift = normalizer(data, device)
     idx_device = index_device(device)
@@ -221,7 +235,7 @@ def _setup(exp: Experiment, seed: int, split: Split, device: torch.device, model
         augment_gen=torch.Generator().manual_seed(seed + AUGMENT_SEED_OFFSET), memory_format=memory_format,
         scale=scale, shift=shift, train_x=devices.to_device(data.train_x, device),  # resident on the device
         train_y=devices.to_device(data.train_y, device), train_idx=train_idx, val_idx=split.val_idx.to(idx_device),
-        step_flops=step_flops, result=RunResult(status="finished", model=model))
+        step_flops=step_flops, result=RunResult(status="finished", model=model), rank=rank, world=world)
 
 
 def _resume(run: _Run, checkpoint: TrainingCheckpoint, on_epoch) -> None:
@@ -271,6 +285,8 @@ def _loop(run: _Run, on_epoch, on_batch, checkpoint: TrainingCheckpoint | None) 
         compiled_before = compiling.compile_seconds() + devices.compile_seconds(device)
         t0, run.check_time = time.perf_counter(), 0.0
         train_loss = _train_epoch(run, on_batch, epoch)
+        if run.world > 1:  # each process summed the loss over its share of the images
+            torch.distributed.all_reduce(train_loss)
         devices.synchronize(device)
         run.train_time += time.perf_counter() - t0 - run.check_time
         run.compile_time += compiling.compile_seconds() + devices.compile_seconds(device) - compiled_before
@@ -326,6 +342,8 @@ def _train_epoch(run: _Run, on_batch, epoch: int) -> torch.Tensor:
             xb = run.augment(xb.mul_(inv255), run.augment_gen).mul_(255.0)
         xb = xb.mul_(run.scale).sub_(run.shift).contiguous(memory_format=run.memory_format)
         yb = run.train_y[bi]
+        if run.world > 1:  # the batch (augmented whole, as one process would) split between the processes
+            xb, yb = xb.tensor_split(run.world)[run.rank], yb.tensor_split(run.world)[run.rank]
         with run.autocast():
             logits = run.step_model(xb)
             loss = (F.cross_entropy(logits, yb, label_smoothing=smoothing) if run.loss_fn is None
@@ -345,7 +363,7 @@ def _train_epoch(run: _Run, on_batch, epoch: int) -> torch.Tensor:
             scaler.update()
         if run.interval == "batch":
             run.scheduler.step()
-        loss_sum += loss.detach() * (hi - lo)
+        loss_sum += loss.detach() * len(yb)
         devices.step_done(device)  # XLA: one graph per step
         if on_batch is not None:  # progress, and the runner's check for Ctrl-C / SIGTERM
             on_batch(b, n_batches)

@@ -42,7 +42,8 @@ FINGERPRINT_VERSION = 1
 
 # (section, key) of settings added after FINGERPRINT_VERSION 1; see Experiment.identity
 ADDED_AFTER_V1 = [("train", k) for k in ("precision", "channels_last", "compile", "compile_mode", "deterministic",
-                                         "cudnn_benchmark")] + [("data", "label_noise"), ("data", "canvas"), ("data", "classes"), ("model", "pool")]
+                                         "cudnn_benchmark", "processes")] + [
+    ("data", "label_noise"), ("data", "canvas"), ("data", "classes"), ("model", "pool")]
 
 
 class _Experiment(Strict):
@@ -59,6 +60,17 @@ class _Experiment(Strict):
                                    "MLflow artifact URI runs:/<id>/<path>")
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     _upstream: str = PrivateAttr("")  # identity of the source/teacher runs this one depends on (set by load_suite)
+
+    @model_validator(mode="after")
+    def _data_parallel(self):
+        if self.train.processes > 1:
+            if self.train.compile:
+                raise ValueError("train.processes > 1 with train.compile: data-parallel training runs the eager model "
+                                 "(set compile: false, or processes: 1)")
+            if self.distill is not None or self.compresses:
+                raise ValueError("train.processes > 1 trains a model from scratch; distillation and post-training "
+                                 "techniques run in one process (set processes: 1 in this variant)")
+        return self
 
     @model_validator(mode="after")
     def _technique_checks(self):
