@@ -118,6 +118,16 @@ def test_a_variant_that_diverged_on_every_seed_is_an_answer(tmp_path):
     assert "better: `adam_wd` (its reference diverged)" in (tmp_path / "reports" / "README.md").read_text()
 
 
+def test_seeds_that_did_not_learn_are_named(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE.replace("seeds: 2", "seeds: 3")),
+                       registries=all_registries())
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    acc = ACC | {("adam", 1): 0.11}  # 10 synthetic classes: chance is 10%, twice chance 20%
+    record(tracker, suite, {k: ("finished", {"test_accuracy": v}) for k, v in acc.items()})
+    text = build_report(suite, tracker, tmp_path / "reports").read_text()
+    assert "Did not learn (test accuracy at most twice chance) `adam` on 1 of 3 seeds." in text
+
+
 def test_reports_with_zero_or_one_finished_run_render_and_say_why(tmp_path):
     suite = load_suite(write_suite(tmp_path / "tiny.yaml", TINY_SUITE), registries=all_registries())
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")

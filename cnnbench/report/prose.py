@@ -64,6 +64,7 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
     few = [v for v, r in results.items() if r.verdict.startswith("too few")]
     if few:
         text += "Too few paired seeds to judge " + ", ".join(f"`{v}`" for v in few) + ". "
+    text += did_not_learn(suite, runs)
     if primary != "train_throughput":
         text += speed_sentence(suite, runs, comps, timing)
     problems = runs[runs["status"].isin(["diverged", "failed", "skipped"])]
@@ -71,6 +72,28 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
         total = int((runs["variant"] == variant).sum())
         text += f"`{variant}`: {', '.join(f'{c} {s}' for s, c in sub['status'].value_counts().items())} of {total} seeds. "
     return text + "(" + method_sentence(suite, results) + ")"
+
+
+CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def did_not_learn(suite: Suite, runs: pd.DataFrame) -> str:
+    """The seeds whose finished run stayed within twice chance test accuracy: a collapse (dead units, a
+    step size too large) that a mean and its interval hide; it also explains an interval too wide to decide."""
+    if suite.report.primary != "test_accuracy" or runs.empty:
+        return ""
+    counts = []
+    for v in suite.variants:
+        data = suite.experiments[v].data
+        k = (len(data.classes) if data.classes else data.synthetic.num_classes if data.dataset == "synthetic"
+             else CLASSES.get(data.dataset))
+        values = list(per_seed(runs, v, "test_accuracy").values())
+        low = sum(a <= 2 / k for a in values) if k else 0
+        if low:
+            counts.append(f"`{v}` on {low} of {len(values)}")
+    if not counts:
+        return ""
+    return "Did not learn (test accuracy at most twice chance) " + ", ".join(counts) + " seeds. "
 
 
 def headline(suite: Suite, comps: dict) -> str:
