@@ -227,6 +227,8 @@ def test_a_one_variant_suite_is_described_without_comparison_language(tmp_path):
 LEGACY_TABLE = """<!-- cnnbench-report {"name": "devices", "question": "How long?", "generated": "2026-11-23 15:10 UTC", "primary": "train_time_s", "answer": "long"} -->
 # devices
 
+| budget | 6 variants × 3 seeds × 3 epochs = 18 runs, 90.0 s of training in all |
+
 ## Results
 
 Each variant against the baseline, paired by seed.
@@ -250,6 +252,6 @@ def test_the_index_reads_the_verdicts_of_a_report_written_before_they_were_in_it
     (tmp_path / "devices.md").write_text(LEGACY_TABLE)
     index = write_index(tmp_path).read_text()
     # cuda never ran on this machine (n=0): not a comparison it could make; the second table is not read
-    assert ("| worse: `cpu_1_thread` +1.17 s; no evidence of a difference: `cpu_2_threads` -0.15 s | 1 of 2 | – | – | – |"
+    assert ("| worse: `cpu_1_thread` +1.17 s; no evidence of a difference: `cpu_2_threads` -0.15 s | 1 of 2 | – | 3 | – |"
             in index), index
     assert "Across 1 report: **1 of 2 comparisons decided (50%)**." in index

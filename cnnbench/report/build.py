@@ -297,7 +297,12 @@ def verdicts_from_table(text: str) -> dict | None:
         label = verdict if word == "undecided" else word if word != "equivalent" else verdict
         groups.setdefault(label, []).append(f"`{cells[0].strip('*')}` {delta}".strip())
     headline = "; ".join(f"{label}: {', '.join(named)}" for label, named in groups.items())
-    return {"headline": headline, "decided": decided, "comparisons": made}
+    out = {"headline": headline, "decided": decided, "comparisons": made}
+    if seeds := re.search(r"^\| budget \| \d+ variants? × (\d+) seeds?", text, re.M):
+        out["seeds"] = int(seeds.group(1))
+    if margin := re.search(r"within ±(\d+(?:\.\d+)? pp)", text):
+        out["margin"] = margin.group(1)
+    return out
 
 
 def write_index(reports_dir: str | Path) -> Path:
