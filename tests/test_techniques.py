@@ -39,7 +39,8 @@ def test_a_technique_declares_what_the_rest_of_the_house_reads(name):
 EXAMPLES = {"precision": {"train": {"precision": "bf16"}}, "compile": {"train": {"compile": True}},
             "distill": {"distill": {"teacher": "big"}}, "low_rank": {"low_rank": {"rank_ratio": 0.5}},
             "prune": {"prune": {"method": "l1_unstructured", "amount": 0.5, "finetune_epochs": 2}},
-            "quantize": {"quantize": {"method": "qat", "qat_epochs": 1}}}
+            "quantize": {"quantize": {"method": "qat", "qat_epochs": 1}},
+            "finetune": {"finetune": {"epochs": 3, "new_head": True}}, "deploy": {"deploy": {"fuse_bn": True}}}
 
 
 @pytest.mark.parametrize("name", sorted(techniques.registered()))
@@ -50,7 +51,7 @@ def test_switched_on_a_technique_is_active_described_and_counted(name):
     assert [x.name for x in techniques.active(exp)] == [name]
     assert t.describe(exp) and "\n" not in t.describe(exp)
     assert exp.compresses == (t.stage == "post_training")
-    assert t.finetune_epochs(exp) == {"prune": 2, "quantize": 1}.get(name, 0)
+    assert t.finetune_epochs(exp) == {"prune": 2, "quantize": 1, "finetune": 3}.get(name, 0)
     assert exp.fingerprint(0) != Experiment().fingerprint(0)
 
 
@@ -58,3 +59,5 @@ def test_post_training_techniques_apply_in_their_order():
     exp = Experiment.model_validate({"quantize": {"method": "static"}, "low_rank": {"energy": 0.9},
                                      "prune": {"method": "channel", "amount": 0.5}})
     assert [t.name for t in techniques.active(exp, "post_training")] == ["low_rank", "prune", "quantize"]
+    more = Experiment.model_validate({"finetune": {"epochs": 1}, "low_rank": {"energy": 0.9}, "deploy": {"form": "exported"}})
+    assert [t.name for t in techniques.active(more, "post_training")] == ["finetune", "low_rank", "deploy"]
