@@ -70,20 +70,15 @@ def train_distributed(exp: Experiment, seed: int, split: Split, device: torch.de
 
 
 def _relay(messages, on_epoch, on_batch, timeout: float) -> None:
-    """Pass rank 0's progress on to the caller's callbacks (which may raise to stop the run)."""
-    try:
-        kind, payload = messages.get(timeout=timeout) if timeout else messages.get_nowait()
-    except queue_module.Empty:
-        return
-    if kind == "epoch" and on_epoch is not None:
-        on_epoch(payload)
-    elif kind == "batch" and on_batch is not None:
-        on_batch(*payload)
-    while True:  # everything else already waiting
+    """Pass rank 0's progress on to the caller's callbacks (which may raise to stop the run): wait up to
+    ``timeout`` for the first message, then take everything already waiting."""
+    wait = timeout
+    while True:
         try:
-            kind, payload = messages.get_nowait()
+            kind, payload = messages.get(timeout=wait) if wait else messages.get_nowait()
         except queue_module.Empty:
             return
+        wait = 0.0
         if kind == "epoch" and on_epoch is not None:
             on_epoch(payload)
         elif kind == "batch" and on_batch is not None:
