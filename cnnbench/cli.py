@@ -149,6 +149,9 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         _fail(f"{suite}: adaptive seeds (seeds: {{min, max}}) need one process to read the verdicts between rounds, "
               "and a shared --storage queue has many; give the suite a seed count (e.g. --set seeds="
               f"{spec.seeds.max}) or run it without a shared queue")
+    if queue is not None and spec.architecture_search is not None:
+        _fail(f"{suite}: architecture_search runs in one process (its front decides which variants the queue would "
+              "hold); run the suite without a shared --storage queue")
     from cnnbench import devices
     from cnnbench.data import DataNotFoundError
     from cnnbench.interrupts import Interrupted, clear_interrupt, interrupt_requested, request_interrupt

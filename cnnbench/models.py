@@ -338,8 +338,10 @@ def simple_cnn(
     width: int = 32,
     depth: int = 3,
     pool: str = "max",
+    kernel: int = 3,
 ) -> nn.Module:
-    """``depth`` 3×3 conv blocks, the first ``width`` channels wide and doubling each block; global-average head.
+    """``depth`` conv blocks (``kernel``×``kernel``, odd, same padding), the first ``width`` channels wide and
+    doubling each block; global-average head.
 
     Each block is conv → norm → activation (→ Dropout2d), then a 2×2 max-pool while the map is at
     least 8 pixels wide (so 28×28 pools twice, to 7×7). The head is global average pooling, dropout
@@ -347,11 +349,13 @@ def simple_cnn(
     """
     if width < 1 or depth < 1:
         raise ValueError(f"simple_cnn needs width ≥ 1 and depth ≥ 1, got width={width}, depth={depth}")
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"simple_cnn kernel must be odd (same padding), got {kernel}")
     layers: list[nn.Module] = []
     cin, size = in_channels, image_size
     for i in range(depth):
         cout = width * 2**i
-        layers += [*conv_block(cin, cout, 3, 1, norm, activation, num_groups), _spatial_dropout(dropout2d)]
+        layers += [*conv_block(cin, cout, kernel, kernel // 2, norm, activation, num_groups), _spatial_dropout(dropout2d)]
         if size >= 8:
             layers.append(POOLS.create(pool, channels=cout))
             size //= 2

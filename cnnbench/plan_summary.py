@@ -71,6 +71,16 @@ def describe_plan(suite: Suite) -> str:
         lines += ["", f"search first: {sc.trials} trials per variant ({sc.sampler}, seed {sc.sampler_seed}, "
                       f"{sc.pruner} pruner, {sc.direction} {sc.metric}) = {sc.trials * len(suite.variants)} trials, "
                       f"at most {trial_s:.0f} s (pruning saves some; --no-search skips it)", f"spaces — {spaces}"]
+    if suite.architecture_search is not None:
+        nas, start = suite.architecture_search, suite.experiments[suite.search_start()]
+        trial_s = rough_seconds(start) * nas.tuning_seeds * nas.trials  # at the start variant's size (±2× more)
+        retrain_s = rough_seconds(start) * nas.retrain * len(seeds)
+        total_epochs += start.train.epochs * (nas.tuning_seeds * nas.trials + nas.retrain * len(seeds))
+        total_s += trial_s + retrain_s
+        lines += ["", f"architecture search: {nas.trials} trials ({nas.sampler}, seed {nas.sampler_seed}) over "
+                      f"{', '.join(nas.space)} of '{suite.search_start()}', maximize val_accuracy, minimize {nas.cost}; "
+                      f"roughly {trial_s:.0f} s at its size; then up to {nas.retrain} front members as variants "
+                      f"nas_1 … × {len(seeds)} seeds, roughly {retrain_s:.0f} s (--no-search: the recorded front only)"]
     lines += ["", f"total: {total_epochs} epochs, roughly {total_s:.0f} s of training on 2 CPU cores"
                   " (plus data loading and MLflow; a GPU is much faster)"]
     return "\n".join(lines)

@@ -90,7 +90,7 @@ def run_suite(
     t_start = time.perf_counter()
     _start_devices(suite, device)
     mlflow_before = tracker.seconds
-    searching = suite.search is not None and search
+    searching = (suite.search is not None or suite.architecture_search is not None) and search
     optuna_storage = storage_url = None
     if searching:  # opened before anything is written: a bad URL fails fast
         from cnnbench.optuna_storage import default_storage, open_storage
@@ -103,7 +103,11 @@ def run_suite(
     outcome = SuiteOutcome(parent)
 
     try:
-        tuned = _tune_all(suite, tracker, exp_id, parent, optuna_storage, data_dir, device, events) if searching else None
+        tuned = (_tune_all(suite, tracker, exp_id, parent, optuna_storage, data_dir, device, events)
+                 if searching and suite.search is not None else None)
+        if suite.architecture_search is not None:  # the front's members join as variants nas_1, …
+            suite = _architecture_front(suite, tracker, exp_id, parent, optuna_storage if searching else None,
+                                        data_dir, device, events)
         specs = plan(suite, tuned)
         done = {} if rerun else tracker.done_runs(exp_id, suite.name)
         todo = [s for s in specs if s.fingerprint not in done or s.skip_reason]
@@ -378,17 +382,42 @@ def _start_devices(suite: Suite, device_override: str | None) -> None:
             pass
 
 
-def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, data_dir, device_override,
-              events: Events) -> dict:
-    """Search every variant with the same budget; variant → experiment with its best values (None: no trial completed)."""
+def _split_loader(data_dir):
+    """cfg → its train/validation split, as a search trial trains on it."""
     from cnnbench import data as datamod
-    from cnnbench import devices
-    from cnnbench.search import configure, tune_variant
-    from cnnbench.train import check_supported
 
     def load_split(cfg):
         return datamod.split(datamod.load(cfg.data, data_dir), cfg.data.val_fraction, cfg.data.limit_train)
 
+    return load_split
+
+
+def _architecture_front(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, data_dir, device_override,
+                        events: Events) -> Suite:
+    """Run the architecture search (``storage`` None: ``--no-search``, use what is recorded); ``suite`` with
+    the retrained front as variants, read back from MLflow as the report reads it."""
+    from cnnbench import devices
+    from cnnbench.architecture_search import recorded_front, search_architectures, with_front
+
+    if storage is not None:
+        exp = suite.experiments[suite.search_start()]
+        try:
+            device = devices.resolve(device_override or exp.device)
+        except devices.DeviceUnavailable as e:
+            events.warning(f"architecture search not run: {e}")
+        else:
+            search_architectures(suite, tracker, exp_id, parent, storage, _split_loader(data_dir), device, events)
+    return with_front(suite, recorded_front(suite, tracker.runs_frame(suite.name)))
+
+
+def _tune_all(suite: Suite, tracker: Tracker, exp_id: str, parent: str, storage, data_dir, device_override,
+              events: Events) -> dict:
+    """Search every variant with the same budget; variant → experiment with its best values (None: no trial completed)."""
+    from cnnbench import devices
+    from cnnbench.search import configure, tune_variant
+    from cnnbench.train import check_supported
+
+    load_split = _split_loader(data_dir)
     tuned = {}
     for name, exp in suite.experiments.items():
         try:

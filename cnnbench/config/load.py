@@ -53,6 +53,7 @@ def load_suite(path: str | Path, overrides: list[str] | tuple[str, ...] = (), re
     for name, override in suite.variants.items():
         suite.experiments[name] = Experiment.model_validate(deep_merge(data["base"], override or {}), context=context)
     problems = _search_problems(suite, own_spaces, locator, context)
+    problems += _architecture_search_problems(suite, locator, context)
     problems += _reference_problems(suite, locator)  # sources/teachers exist, no cycles
     if problems:
         raise SuiteError(problems)
@@ -106,6 +107,28 @@ def _search_problems(suite: Suite, own_spaces: dict, locator: Locator, context: 
                 except ValueError as e:
                     problems.append(Problem(locator.where(origin), ".".join(map(str, origin)), str(e)))
         suite.search_spaces[name] = space
+    return problems
+
+
+def _architecture_search_problems(suite: Suite, locator: Locator, context: dict) -> list[Problem]:
+    """Every key of the architecture search's space lands on a real setting of the variant it varies."""
+    if suite.architecture_search is None:
+        return []
+    problems, start = [], suite.search_start()
+    config = suite.experiments[start].model_dump(mode="json")
+    for key, spec in suite.architecture_search.space.items():
+        origin = ("architecture_search", "space", key)
+        for value in spec.grid() if spec.type == "categorical" else (spec.sample_value(),):
+            try:
+                Experiment.model_validate(set_dotted(config, key, value), context=context)
+            except (ValidationError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+                detail = e.errors()[0]["msg"] if isinstance(e, ValidationError) else f"no such setting ({type(e).__name__}: {e})"
+                problems.append(Problem(locator.where(origin), ".".join(origin),
+                                        f"'{key}' is not a setting of variant '{start}' that takes {value!r}: {detail}"))
+                break
+    if references(suite, start):
+        problems.append(Problem(locator.where(("architecture_search",)), "architecture_search",
+                                f"variant '{start}' needs other variants' weights; the search trains from scratch"))
     return problems
 
 

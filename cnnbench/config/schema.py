@@ -319,6 +319,30 @@ class SearchConfig(Strict):
         return self
 
 
+class ArchitectureSearch(Strict):
+    """A multi-objective Optuna search over architecture knobs: validation accuracy up, a cost down.
+
+    Every trial trains the ``start`` variant with the sampled knobs on the tuning seeds (10000, …), for
+    that variant's epochs, and records its validation accuracy and its cost. The Pareto front's members,
+    up to ``retrain`` of them spread along it by cost, become variants ``nas_1`` (cheapest) … that run
+    over the suite's seeds like any other and are compared with the baseline (a hand-designed model)."""
+
+    start: str | None = Field(None, description="the variant whose experiment the search varies (default: the baseline)")
+    space: dict[str, ParamSpec] = Field(min_length=1, description="dotted key into that experiment → parameter")
+    cost: Literal["params", "flops", "latency_bs1_ms"] = Field(
+        "params", description="the objective minimized beside validation accuracy (params and flops are exact; "
+                              "latency is timed, batch 1, on the search's device)")
+    trials: PositiveInt = Field(24, description="trials in all (multi-objective studies cannot prune)")
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    sampler_seed: NonNegativeInt = 0
+    population_size: int = Field(8, ge=2, description="NSGA-II: trials per generation")
+    tuning_seeds: PositiveInt = Field(1, description="seeds per trial (10000, 10001, …; accuracy is their mean)")
+    retrain: PositiveInt = Field(3, description="front members retrained over the suite's seeds, spread by cost")
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="front members below this validation accuracy are not retrained (a floor "
+                                      "stated before the search: the cheapest members of a front are often useless)")
+
+
 class AdaptiveSeeds(Strict):
     """Seeds in rounds until every comparison of the primary metric (and of any metric with a margin) is
     decided, or ``max`` seeds have run. The verdicts stay valid under this stopping (see ``stats.Looks``)."""
@@ -344,6 +368,8 @@ class Suite(Strict):
     seeds: PositiveInt | list[NonNegativeInt] | AdaptiveSeeds = 3
     report: ReportConfig = Field(default_factory=ReportConfig)
     search: SearchConfig | None = Field(None, description="tune every variant with Optuna before the seeded runs")
+    architecture_search: ArchitectureSearch | None = Field(
+        None, description="search architectures (accuracy and a cost); retrain the Pareto front as variants nas_1, …")
 
     # filled by load_suite: each variant's validated experiment, and where the suite came from
     experiments: dict[str, Experiment] = Field(default_factory=dict, exclude=True)
@@ -401,6 +427,27 @@ class Suite(Strict):
                 raise ValueError(f"report.not_compared: '{name}' also has a reference in report.against; "
                                  "give it one or the other")
         return self
+
+    @model_validator(mode="after")
+    def _architecture_search_fits(self) -> Suite:
+        nas = self.architecture_search
+        if nas is None:
+            return self
+        if nas.start is not None and nas.start not in self.variants:
+            raise ValueError(f"architecture_search.start: '{nas.start}' is not a variant;"
+                             f"{did_you_mean(nas.start, list(self.variants))} variants: {', '.join(self.variants)}")
+        taken = [v for v in self.variants if re.fullmatch(r"nas_\d+", v)]
+        if taken:
+            raise ValueError(f"variant name(s) {', '.join(taken)}: names nas_1, nas_2, … are kept for the members of the "
+                             "architecture search's Pareto front; rename them")
+        if self.search is not None:
+            raise ValueError("architecture_search and search in one suite are not supported yet: the front's members "
+                             "would need a hyperparameter search of their own; use two suites")
+        return self
+
+    def search_start(self) -> str:
+        """The variant the architecture search varies."""
+        return self.architecture_search.start or self.baseline
 
     def compared(self) -> list[str]:
         """The variants that get a verdict, and the baseline: all but ``report.not_compared``."""

@@ -12,8 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from cnnbench import redact
+from cnnbench.architecture_search import recorded_front, with_front
 from cnnbench.config import Suite
 from cnnbench.metrics import metric
+from cnnbench.report.architecture import architecture_lines
 from cnnbench.report.plots import (
     compression_plots,
     plot_bars,
@@ -52,6 +54,8 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     frame = tracker.runs_frame(suite.name)
+    front = recorded_front(suite, frame)  # an architecture search's retrained members join as variants
+    suite = with_front(suite, front)
     runs = select_runs(suite, frame)
     finished = runs[runs["status"] == "finished"]
     history = tracker.history(finished["run_id"].tolist(), ["val_accuracy", "train_time_cum_s", "train_loss", "val_loss"])
@@ -154,6 +158,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
             lines += [f"![{suite.report.primary} against training throughput]({pareto.name})", ""]
     if suite.search is not None:
         lines += tuning_lines(suite, searches, trials, tuning_png if has_tuning_plot else None)
+    lines += architecture_lines(suite, frame, runs, comps, reports_dir, front)
     lines += ["## Variants", "", "Each variant changes the baseline by:", ""]
     for name, override in suite.variants.items():
         lines.append(f"- `{name}`: " + (f"`{json.dumps(override, separators=(', ', ': '))}`" if override else "baseline"))
