@@ -37,6 +37,20 @@ def rough_seconds(exp: Experiment) -> float:
     return train_images(exp) * trained_epochs(exp) / rate
 
 
+def exact_tie_note(suite: Suite) -> list[str]:
+    """Said before the runs when the suite cannot decide a variant that equals its reference on every seed
+    (a deterministic transform: fusion, export): the exact sign-flip test then needs more seeds than it runs."""
+    from cnnbench.stats import sign_flip_seeds
+
+    looks, compared = suite.looks(), max(1, len(suite.compared()) - 1)
+    need = sign_flip_seeds(looks.spent(len(looks.counts) - 1) / compared)
+    if need <= looks.counts[-1]:
+        return []
+    return ["", f"note: a variant whose {suite.report.primary} equals its reference's on every seed (a deterministic "
+                f"transform such as fusion or export) is decided by the exact sign-flip test only from {need} seeds "
+                f"at the last look; this suite stops at {looks.counts[-1]}"]
+
+
 def describe_plan(suite: Suite) -> str:
     specs = plan(suite)
     seeds = suite.seed_list()
@@ -81,6 +95,7 @@ def describe_plan(suite: Suite) -> str:
                       f"{', '.join(nas.space)} of '{suite.search_start()}', maximize val_accuracy, minimize {nas.cost}; "
                       f"roughly {trial_s:.0f} s at its size; then up to {nas.retrain} front members as variants "
                       f"nas_1 … × {len(seeds)} seeds, roughly {retrain_s:.0f} s (--no-search: the recorded front only)"]
+    lines += exact_tie_note(suite)
     lines += ["", f"total: {total_epochs} epochs, roughly {total_s:.0f} s of training on 2 CPU cores"
                   " (plus data loading and MLflow; a GPU is much faster)"]
     return "\n".join(lines)

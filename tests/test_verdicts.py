@@ -151,3 +151,17 @@ def test_adaptive_seeds_are_refused_on_a_shared_queue(cli, workdir):
     result = cli("run", write_suite(workdir / "tiny.yaml", text), "--storage", "postgresql://127.0.0.1:5432/nowhere")
     assert result.exit_code == 2 and "adaptive seeds" in result.output and "--set seeds=6" in result.output
     assert not (workdir / "mlflow.db").exists() or client().get_experiment_by_name("tiny") is None
+
+
+def test_validate_says_when_exact_ties_cannot_be_decided_within_the_seeds():
+    """A deterministic transform (fusion, export) equals its reference on every seed; the exact sign-flip test
+    then needs more seeds than the t-test, and the plan says so before anything runs."""
+    from cnnbench.config import load_suite
+    from cnnbench.plan_summary import describe_plan
+    from cnnbench.registries import all_registries
+
+    path = Path(__file__).parent.parent / "suites" / "deployment.yaml"
+    shipped = load_suite(path, registries=all_registries())
+    assert "exact sign-flip test" not in describe_plan(shipped)
+    short = load_suite(path, ["seeds.max=8"], registries=all_registries())
+    assert "decided by the exact sign-flip test only from 10 seeds at the last look; this suite stops at 8" in describe_plan(short)
