@@ -47,10 +47,12 @@ POLL_S = 2.0  # how often a worker looks again while other workers' trials run
 # ───────────────────────────── sampler, pruner ─────────────────────────────
 
 
-def make_sampler(search: SearchConfig, space: dict[str, ParamSpec]):
+def make_sampler(search: SearchConfig, space: dict[str, ParamSpec], resumed_at: int = 0):
+    """The study's sampler; its seed is offset by the trials the study already holds (``resumed_at``): a seeded
+    sampler re-created on resume — or by a second worker — would otherwise draw the first trials' values again."""
     import optuna.samplers as s
 
-    seed = search.sampler_seed
+    seed = search.sampler_seed + resumed_at
     if search.sampler == "tpe":
         return s.TPESampler(seed=seed)
     if search.sampler == "random":
@@ -164,6 +166,7 @@ def tune_variant(suite: Suite, variant: str, tracker: Tracker, exp_id: str, pare
     name = study_name(suite, variant)
     study = optuna.create_study(storage=storage, study_name=name, direction=search.direction, load_if_exists=True,
                                 sampler=make_sampler(search, space), pruner=make_pruner(search, exp.train.epochs))
+    study.sampler = make_sampler(search, space, resumed_at=len(study.get_trials(deepcopy=False)))
     study.set_user_attr("cnnbench.suite", suite.name)
     study.set_user_attr("cnnbench.variant", variant)
     search_run = _search_run(tracker, exp_id, parent_id, suite, variant, name, exp, space)

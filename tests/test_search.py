@@ -112,6 +112,8 @@ def test_resume_runs_only_missing_trials_and_reuses_the_search_run(tmp_path):
     assert len(roles["trial"]) == 6
     assert roles["search"].set_index("tags.cnnbench.variant")["run_id"].to_dict() == first
     assert (roles["search"]["metrics.trials_complete"] == 3).all()
+    for _, trials in roles["trial"].groupby("tags.cnnbench.variant"):  # the resumed sampler draws new values
+        assert trials["params.optimizer.lr"].nunique() == 3
 
     _, again = run(more, tmp_path)  # nothing missing: no trial and no seeded run is redone
     assert len(runs_by_role(tracker, "tuned")["trial"]) == 6
