@@ -69,10 +69,16 @@ def plot_architecture_search(suite: Suite, trials: pd.DataFrame, front_members: 
             ax_r.annotate(v, (sum(xs) / len(xs), y.mean()), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax_r.set(xscale="log", xlabel=COST_LABEL[cost] + " (as run)", ylabel=metric(primary).label + (" (%)" if scale == 100 else ""),
                  title="retrained over the suite's seeds: found (red), hand-designed (blue)")
-        from matplotlib.ticker import NullFormatter
+        from matplotlib.ticker import FuncFormatter, NullFormatter
 
         for ax in (ax_s, ax_r):
-            ax.xaxis.set_minor_formatter(NullFormatter())  # a log axis labels its minor ticks on narrow ranges
+            low, high = ax.get_xlim()
+            if high < 10 * low:  # less than a decade: a log axis would show no labelled tick
+                ax.set_xscale("linear")
+            else:
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 10 else f"{x:g}"))
+            ax.margins(x=0.12)
     return True
 
 
@@ -101,7 +107,11 @@ def architecture_lines(suite: Suite, frame: pd.DataFrame, runs: pd.DataFrame, co
         return lines + ["No architecture search has been recorded for the current suite yet.", ""]
     cost, primary = nas.cost, suite.report.primary
     fmt, cost_fmt = metric(primary), metric(RUN_METRIC[cost])
-    lines += [f"{len(trials)} trials completed; {int(trials['front'].sum())} are on the Pareto front.", "",
+    on_front = trials[trials["front"]]
+    floor = (f", {int((on_front['val_accuracy'] >= nas.min_accuracy).sum())} of them at or above the "
+             f"{nas.min_accuracy:.1%} floor" if nas.min_accuracy is not None else "")
+    lines += [f"{len(trials)} trials completed; {len(on_front)} are on the Pareto front{floor}; "
+              f"{len(front)} retrained.", "",
               f"| variant | knobs | {COST_LABEL[cost]} | {cost} ratio (baseline / variant) | {primary} | "
               f"Δ vs baseline | verdict |", "|---|---|---|---|---|---|---|"]
     knobs = {m["name"]: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in m["params"].items()) for m in front}
