@@ -46,6 +46,9 @@ def exact_tie_note(suite: Suite) -> list[str]:
     need = sign_flip_seeds(looks.spent(len(looks.counts) - 1) / compared)
     if need <= looks.counts[-1]:
         return []
+    if suite.report.test == "sign":
+        return ["", f"note: the sign test (report.test: sign) can decide a comparison only from {need} seeds at the "
+                    f"last look, when every difference has one sign; this suite stops at {looks.counts[-1]}"]
     return ["", f"note: a variant whose {suite.report.primary} equals its reference's on every seed (a deterministic "
                 f"transform such as fusion or export) is decided by the exact sign-flip test only from {need} seeds "
                 f"at the last look; this suite stops at {looks.counts[-1]}"]

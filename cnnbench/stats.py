@@ -24,6 +24,14 @@ difference of a measured metric is equal (accuracies are multiples of 1/test-set
 differ by exactly +0.20 pp both), the t-test is undefined; the exact sign-flip test is used instead,
 whose smallest two-sided p is 2^(1 − n): with few seeds that is inconclusive, not "exact".
 
+Where some seeds of a recipe collapse (a learning rate at the edge of stability, plain SGD at its default
+rate), the paired differences are a mixture of a small shift and a few huge ones: the t-interval then spans
+tens of points and decides nothing, though the variant wins on every seed. A suite that trains in such a
+regime can choose ``report.test: sign`` before it runs: Δ is then the *median* paired difference and its
+interval the distribution-free one from order statistics (the sign test inverted), valid for any
+distribution of the differences, ties included. Its price: with n seeds it can exclude 0 only when
+2^(1 − n) < the per-comparison level, so it needs a few more seeds than the t-test on well-behaved data.
+
 Time-to-target is right-censored: a run that never reaches the target is censored at its total
 training time, and the median comes from the Kaplan–Meier estimate (``scipy.stats.ecdf``).
 """
@@ -142,13 +150,13 @@ class Paired:
     """Variant − baseline on the seeds both finished, with its verdict."""
 
     n: int
-    delta: float  # mean paired difference
+    delta: float  # mean paired difference (the median for the sign test)
     low: float  # simultaneous interval (nan when n < 2), clipped to the metric's range
     high: float
     p: float  # the per-comparison test (paired t; exact sign-flip when all differences are equal)
     p_adj: float = math.nan  # p × m × α/α_k, capped at 1: below α exactly when the interval excludes 0
     p_wilcoxon: float = math.nan
-    method: str = "t"  # t | sign-flip | fact
+    method: str = "t"  # t | sign-flip (t with no spread) | sign (median, order-statistic interval) | fact
     verdict: str = ""
     sd: float = math.nan  # of the paired differences
     level: float = math.nan  # per-comparison two-sided level α_k/m
@@ -158,6 +166,8 @@ class Paired:
     mde: float = math.nan  # minimum detectable effect at n, 80% power, at ``level``
     seeds_for: float = math.nan  # the effect the planning is for (the margin, else the observed |Δ|)
     seeds_needed: int | None = None  # seeds for a fixed-seed run to detect ``seeds_for``
+    above: int = 0  # paired differences above 0 and below it (the sign test's counts)
+    below: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -170,10 +180,12 @@ class Paired:
         return self.verdict in ("better", "worse", "equivalent", "higher", "lower", "fact", DIVERGED)
 
 
-def paired(variant: dict[int, float], baseline: dict[int, float], level: float = 0.05, wilcoxon: bool = True) -> Paired:
+def paired(variant: dict[int, float], baseline: dict[int, float], level: float = 0.05, wilcoxon: bool = True,
+           test: str = "t") -> Paired:
     """The paired difference on seeds present and finite in both, with its two-sided interval at ``level``
-    (no verdict: :func:`compare_all` decides). The t-test is written out (scipy's t distribution) because
-    the adaptive-seed simulations call it a hundred thousand times; tests check it against ``ttest_rel``."""
+    (no verdict: :func:`compare_all` decides). ``test``: ``t`` (mean, t-interval) or ``sign`` (median,
+    order-statistic interval). The t-test is written out (scipy's t distribution) because the adaptive-seed
+    simulations call it a hundred thousand times; tests check it against ``ttest_rel``."""
     from scipy import stats
 
     seeds = sorted(s for s in variant if s in baseline and np.isfinite(variant[s]) and np.isfinite(baseline[s]))
@@ -187,7 +199,10 @@ def paired(variant: dict[int, float], baseline: dict[int, float], level: float =
     if n < 2:
         return out
     out.sd = float(d.std(ddof=1))
-    if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # no spread (up to float rounding of the values): the t statistic is undefined, the sign-flip test is exact
+    out.above, out.below = int((d > 0).sum()), int((d < 0).sum())
+    if test == "sign":
+        _sign_interval(out, d, level)
+    elif np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # no spread (up to float rounding of the values): the t statistic is undefined, the sign-flip test is exact
         out.method, out.sd = "sign-flip", 0.0
         out.p = 1.0 if mean == 0 else min(1.0, 2.0 ** (1 - n))
         # inverting the test: every shift but the observed one is rejected iff 2^(1−n) < level
@@ -200,6 +215,22 @@ def paired(variant: dict[int, float], baseline: dict[int, float], level: float =
     if wilcoxon and n >= WILCOXON_MIN_N and np.any(d != 0):
         out.p_wilcoxon = float(stats.wilcoxon(d).pvalue)
     return out
+
+
+def _sign_interval(out: Paired, d: np.ndarray, level: float) -> None:
+    """Median of ``d`` with the order-statistic interval [d_(k), d_(n+1−k)], k the largest with
+    2·P(Binomial(n, ½) ≤ k − 1) ≤ level (its coverage is at least 1 − level for any distribution), and the
+    two-sided sign test of the signs."""
+    from scipy import stats
+
+    n, ordered = len(d), np.sort(d)
+    out.method, out.delta = "sign", float(np.median(d))
+    k = 0
+    while 2 * stats.binom.cdf(k, n, 0.5) <= level:
+        k += 1
+    out.low, out.high = (float(ordered[k - 1]), float(ordered[n - k])) if k else (-math.inf, math.inf)
+    # zeros count against the claim, as in the interval: p ≤ level exactly when the interval excludes 0
+    out.p = min(1.0, float(2 * stats.binom.cdf(n - max(out.above, out.below), n, 0.5)))
 
 
 def fact(variant: dict[int, float], baseline: dict[int, float]) -> Paired:
@@ -241,7 +272,7 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
                 higher_is_better: bool | None, *, kind: str = "stochastic", margin: float | None = None,
                 relative_margin: bool = False, floor: float | None = None, level_alpha: float | None = None,
                 bounds: tuple[float, float] | None = None, detail: bool = True,
-                references: dict[str, str] | None = None) -> dict[str, Paired]:
+                references: dict[str, str] | None = None, test: str = "t") -> dict[str, Paired]:
     """Every variant vs the baseline on one metric (vs ``references[variant]`` where one is given).
 
     ``kind``: the catalogue's (``deterministic`` metrics are stated as facts). ``margin``: equivalence
@@ -250,7 +281,8 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
     equivalence margin); None for a timing metric means no floor was measured, and such a comparison
     gets no better/worse verdict. ``level_alpha``: α spent at this look (default ``alpha``: one look).
     ``detail``: also the Wilcoxon column, the detectable effect and the seeds needed (slower; a stopping
-    decision does not need them).
+    decision does not need them). ``test``: ``t`` or ``sign`` (see the module docstring) for measured
+    metrics; timing metrics keep the t-interval of their A/A protocol.
     """
     references = references or {}
 
@@ -265,7 +297,7 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
     level = spent / m
     out = {}
     for v in others:
-        r = paired(per_variant[v], base(v), level, wilcoxon=detail)
+        r = paired(per_variant[v], base(v), level, wilcoxon=detail, test=test if kind == "stochastic" else "t")
         scale = abs(r.baseline_mean) if r.baseline_mean == r.baseline_mean else math.nan
         r.margin = (margin * scale if relative_margin else margin) if margin is not None else None
         if kind == "timing" and floor is not None:
@@ -278,6 +310,11 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
         if kind == "timing" and floor is None and r.n >= 2:
             r.verdict = NOT_JUDGED  # one training run per variant and seed is not a timing comparison
             r.notes.append("no A/A noise floor was measured for this suite, so timing differences are not judged")
+        elif r.method == "sign" and r.verdict == "inconclusive":
+            r.seeds_needed = sign_flip_seeds(level)
+            r.notes.append(f"sign test: {r.above} of {r.n} paired differences above 0, {r.below} below"
+                           + (f"; it cannot exclude 0 with fewer than {r.seeds_needed} seeds"
+                              if r.n < r.seeds_needed else ""))
         elif r.method == "sign-flip" and r.verdict == "inconclusive":
             r.seeds_needed = sign_flip_seeds(level)
             r.notes.append(f"all {r.n} paired differences are equal: the exact sign-flip test needs "

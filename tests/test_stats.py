@@ -53,6 +53,46 @@ def test_equal_differences_are_not_exact_they_use_the_sign_flip_test():
     assert zero.p == 1.0 and zero.verdict == "inconclusive"
 
 
+def test_sign_test_interval_is_scipys_order_statistic_interval_of_the_median():
+    d = [-5.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 50.0, 60.0]
+    for level in (0.05, 0.01, 0.002):
+        r = stats.paired(dict(enumerate(d)), dict.fromkeys(range(10), 0.0), level, test="sign")
+        ref = st.quantile_test(d, q=0, p=0.5)
+        ci = ref.confidence_interval(1 - level)
+        assert r.method == "sign" and r.delta == 2.5 and (r.above, r.below) == (9, 1)
+        assert (r.low, r.high) == pytest.approx((ci.low, ci.high)) and r.p == pytest.approx(ref.pvalue)
+    too_few = stats.paired(dict(enumerate(d[:5])), dict.fromkeys(range(5), 0.0), 0.05, test="sign")
+    assert (too_few.low, too_few.high) == (-math.inf, math.inf)  # 2^(1−5) > 0.05: no interval excludes anything
+
+
+def test_sign_test_decides_where_collapsed_seeds_leave_the_t_interval_open():
+    """The normalization/optimizers problem: the variant wins on every seed, but the reference collapses on 3 of
+    12, so the differences are +0.5 pp nine times and +59 pp three times. The t-interval spans 0; the sign
+    test's interval of the median does not. A timing metric keeps its t-interval whatever the suite's test."""
+    base = {s: (0.40 if s in (2, 5, 9) else 0.983 + 0.0005 * (s % 3)) for s in range(12)}
+    var = {s: 0.988 + 0.0005 * (s % 3) for s in range(12)}
+    t = stats.compare_all({"b": base, "v": var}, "b", 0.05, True, margin=0.005, bounds=ACC)["v"]
+    sign = stats.compare_all({"b": base, "v": var}, "b", 0.05, True, margin=0.005, bounds=ACC, test="sign")["v"]
+    assert t.verdict == "inconclusive" and t.low < 0
+    assert sign.verdict == "better" and sign.delta == pytest.approx(0.005) and sign.low > 0
+    timing = stats.compare_all({"b": base, "v": var}, "b", 0.05, False, kind="timing", floor=0.01, test="sign")["v"]
+    assert timing.method == "t"
+    undecided = stats.compare_all({"b": base, "v": {s: v - (0.01 if s < 4 else -0.01) for s, v in base.items()}},
+                                  "b", 0.05, True, test="sign")["v"]
+    assert undecided.verdict == "inconclusive" and "8 of 12 paired differences above 0, 4 below" in undecided.notes[0]
+
+
+def test_sign_test_error_rate_holds_for_skewed_bimodal_differences():
+    """Median 0, but half the mass is a long right tail (collapses): the sign test still rejects at most α."""
+    rng = np.random.default_rng(0)
+    rejections = 0
+    for _ in range(2000):
+        d = np.where(rng.random(10) < 0.5, -rng.exponential(0.002, 10), rng.exponential(0.3, 10))
+        r = stats.paired(dict(enumerate(d)), dict.fromkeys(range(10), 0.0), 0.05, wilcoxon=False, test="sign")
+        rejections += r.low > 0 or r.high < 0
+    assert rejections / 2000 <= 0.05
+
+
 def test_verdicts_better_worse_equivalent_inconclusive():
     worse = {s: v - 0.01 - 0.001 * s for s, v in BASE.items()}
     noise = {s: v + (0.0004 if s % 2 else -0.0004) + 0.0001 * s for s, v in BASE.items()}

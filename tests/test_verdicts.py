@@ -165,3 +165,16 @@ def test_validate_says_when_exact_ties_cannot_be_decided_within_the_seeds():
     assert "exact sign-flip test" not in describe_plan(shipped)
     short = load_suite(path, ["seeds.max=8"], registries=all_registries())
     assert "decided by the exact sign-flip test only from 10 seeds at the last look; this suite stops at 8" in describe_plan(short)
+
+
+def test_validate_says_how_many_seeds_the_sign_test_needs():
+    """``report.test: sign`` can exclude 0 only when 2^(1−n) is below the per-comparison level at the last look."""
+    from cnnbench.config import load_suite
+    from cnnbench.plan_summary import describe_plan
+    from cnnbench.registries import all_registries
+
+    path = Path(__file__).parent.parent / "suites" / "deployment.yaml"
+    short = load_suite(path, ["seeds.max=8", "report.test=sign"], registries=all_registries())
+    assert "the sign test (report.test: sign) can decide a comparison only from 10 seeds" in describe_plan(short)
+    with pytest.raises(SuiteError, match="report.test"):
+        load_suite(path, ["report.test=wilcoxon"], registries=all_registries())

@@ -199,6 +199,10 @@ class ReportConfig(Strict):
         None, description="the smallest difference that matters, for the primary metric ('0.2 pp', '5%', or a "
                           "number in the metric's unit), or per metric ({test_accuracy: 0.2 pp, train_time_s: 5%}): "
                           "a comparison whose interval lies inside ±margin is 'equivalent'")
+    test: Literal["t", "sign"] = Field(
+        "t", description="how a measured metric's paired differences are judged: 't' (mean, paired t-interval) or "
+                         "'sign' (median, distribution-free order-statistic interval: for regimes where some seeds "
+                         "collapse and the differences are a mixture; needs 2^(1−n) below the per-comparison level)")
     timing: TimingConfig = Field(default_factory=TimingConfig)
     not_compared: list[str] = Field(
         default_factory=list, description="variants that only feed others (a pretraining source) and are not "

@@ -31,6 +31,10 @@ def seed_plan(suite: Suite, frame) -> list[str]:
         lines.append(f"No report.margin for {primary}: planning for the observed differences (a margin would let a "
                      "comparison end 'equivalent').")
     level = alpha / m
+    if suite.report.test == "sign":
+        lines.append(f"The sign test (report.test: sign) needs at least {stats.sign_flip_seeds(level)} seeds to exclude "
+                     "0, with every difference of one sign, and more when some go the other way; the t-based figures "
+                     "below are a guide only.")
     for v in suite.compared():
         if v == suite.baseline:
             continue

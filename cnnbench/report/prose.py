@@ -137,6 +137,11 @@ def could_detect(r: stats.Paired, fmt) -> str:
         return "no A/A noise floor was measured, so a timing difference is not judged"
     if r.method == "sign-flip":
         return f"all {r.n} paired differences are equal, and the exact sign-flip test needs {r.seeds_needed} seeds"
+    if r.method == "sign":
+        return (f"{r.above} of {r.n} paired differences are above 0 and {r.below} below; the sign test's interval "
+                f"of the median is [{bound(r.low, fmt)}, {bound(r.high, fmt)}]"
+                + (f", and it cannot exclude 0 with fewer than {r.seeds_needed} seeds"
+                   if r.seeds_needed and r.n < r.seeds_needed else ""))
     span = fmt.bounds[1] - fmt.bounds[0] if fmt.bounds is not None else math.inf
     if not math.isfinite(r.mde):
         text = "no spread to plan from"
@@ -176,7 +181,9 @@ def method_sentence(suite: Suite, results: dict) -> str:
     n = max((r.n for r in results.values()), default=0)
     looks = suite.looks()
     m = len(results)
-    return (f"Paired t-intervals over n = {n} seeds, simultaneous at {1 - suite.report.alpha:.0%} across "
+    kind = ("Sign-test intervals of the median paired difference (order statistics, distribution-free)"
+            if suite.report.test == "sign" else "Paired t-intervals")
+    return (f"{kind} over n = {n} seeds, simultaneous at {1 - suite.report.alpha:.0%} across "
             f"{n_of(m, 'variant')} (Bonferroni) — {looks.describe()}; a verdict is better/worse when its interval "
             "excludes 0, equivalent when it lies inside ±margin, so interval and verdict always agree.")
 

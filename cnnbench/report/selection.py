@@ -114,7 +114,8 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) ->
         kind = "timing" if row.is_speed else "deterministic" if row.kind == "deterministic" else "stochastic"
         out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher_is_better(suite, m),
                                    kind=kind, margin=margin, relative_margin=relative, floor=floor,
-                                   level_alpha=level_alpha, bounds=row.bounds, references=suite.report.against)
+                                   level_alpha=level_alpha, bounds=row.bounds, references=suite.report.against,
+                                   test=suite.report.test)
     primary = suite.report.primary
     for v, r in out.get(primary, {}).items():  # a recipe that diverges on every seed is an answer, not a gap
         reference = suite.reference(v)

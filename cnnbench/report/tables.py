@@ -94,6 +94,8 @@ def detectable_text(r: stats.Paired | None, fmt: Metric) -> str:
         return "–"
     if r.method == "sign-flip":
         return f"— (no spread; {r.seeds_needed} seeds)" if r.seeds_needed else "— (no spread)"
+    if r.method == "sign":
+        return f"— (sign test; {r.above} up, {r.below} down)"
     if not math.isfinite(r.mde):
         return "–"
     span = fmt.bounds[1] - fmt.bounds[0] if fmt.bounds is not None else math.inf
