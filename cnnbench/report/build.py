@@ -218,7 +218,7 @@ def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.Dat
                  + ("; under the sign test 'detectable' counts the differences above and below 0. "
                     if suite.report.test == "sign" else
                     "; 'detectable' is the smallest true difference the comparison finds with 80% power. ")
-                 "Time to target is the Kaplan–Meier median of the training time until validation accuracy first "
+                 + "Time to target is the Kaplan–Meier median of the training time until validation accuracy first "
                  "reaches the target: runs that never reach it count as censored at their training time, not dropped. "
                  "Diverged, failed and skipped runs are counted in the last column and left out of the means.")
         summary = ("Every metric: paired Δ, p, adjusted p, Wilcoxon p (n ≥ 6), verdict, detectable effect; deterministic "
