@@ -178,3 +178,18 @@ def test_validate_says_how_many_seeds_the_sign_test_needs():
     assert "the sign test (report.test: sign) can decide a comparison only from 10 seeds" in describe_plan(short)
     with pytest.raises(SuiteError, match="report.test"):
         load_suite(path, ["report.test=wilcoxon"], registries=all_registries())
+
+
+def test_a_sign_test_suite_reports_the_median_and_its_interval(cli, workdir):
+    """``report.test: sign`` end to end: the frozen net loses on every one of 6 seeds, so the sign test's
+    interval (2^(1−6) < 0.05) excludes 0; the report names the median and the sign test, not the t-test."""
+    text = DIGITS.replace("  other: {}", "  frozen: {optimizer: {name: sgd, lr: 1.0e-7}}").replace("epochs: 3", "epochs: 1") \
+        + "seeds: 6\nreport: {margin: 1 pp, test: sign, timing: {enabled: false}}\n"
+    result = cli("run", write_suite(workdir / "tiny.yaml", text))
+    assert result.exit_code == 0, result.output
+    md = (workdir / "reports" / "tiny.md").read_text()
+    assert "Δ is the median paired difference with the sign test's interval" in md
+    assert "Sign-test intervals of the median paired difference" in md
+    row = next(line for line in md.splitlines() if line.startswith("| frozen"))
+    assert "worse" in row and "(n=6)" in row
+    assert "sign test; 0 up, 6 down" in md
