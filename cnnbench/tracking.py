@@ -118,35 +118,6 @@ def open_racing_schema(open_store, attempts: int = 6):
             time.sleep(0.2 + random.random())
 
 
-SQLITE_WAL_ENV = "CNNBENCH_SQLITE_WAL"  # "0": leave SQLite stores in their own journal mode (e.g. on NFS)
-_sqlite_listening = False
-
-
-def _write_ahead_log(dbapi_connection, _record) -> None:
-    import sqlite3
-
-    if isinstance(dbapi_connection, sqlite3.Connection):
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-
-
-def write_ahead_logging() -> None:
-    """Every SQLite connection SQLAlchemy opens in this process (MLflow's store, Optuna's SQLite storage)
-    writes through a write-ahead log with ``synchronous=NORMAL``: a commit appends to the log instead of
-    syncing a rollback journal and the database file, which cut MLflow's time per run by about half here
-    (``benchmarks/suite_overhead.py``). A process that dies loses nothing it committed; a power loss or OS
-    crash can lose the last commits. WAL is recorded in the database file, so MLflow's UI and other readers
-    use it too. Set ``CNNBENCH_SQLITE_WAL=0`` on a network file system, where SQLite cannot share a log."""
-    global _sqlite_listening
-    if _sqlite_listening or os.environ.get(SQLITE_WAL_ENV, "1") == "0":
-        return
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    event.listen(Engine, "connect", _write_ahead_log)
-    _sqlite_listening = True
-
-
 class StoreBusy(RuntimeError):
     """Another ``cnnbench run`` holds the SQLite store."""
 
@@ -245,8 +216,6 @@ class Tracker:
 
         if uri.startswith(("http://", "https://")):
             _check_server(uri, self.uri)  # MLflow's own client retries for minutes before giving up
-        if sqlite_path(uri) is not None:
-            write_ahead_logging()  # before MLflow opens its first connection
         def open_store():
             client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here
             client.search_experiments(max_results=1)  # opens the store; fails fast if unreachable

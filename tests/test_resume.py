@@ -170,32 +170,3 @@ def test_a_suite_that_crashes_ends_its_parent_failed_with_its_wall_time(tmp_path
     [parent] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [tracker.experiment_id(suite.name)], f"tags.`cnnbench.role` = '{ROLE_SUITE}'")
     assert parent.info.status == "FAILED" and parent.data.metrics["suite_wall_s"] > 0
-
-
-KILLED_WRITER = """
-import os, signal, sys
-from cnnbench.tracking import Tracker
-t = Tracker(sys.argv[1])
-run = t.start_run(t.experiment_id("wal"), "r", {"k": "v"})
-t.log(run, metrics={"test_accuracy": 0.97}, params={"lr": 0.05})
-print(run, flush=True)
-os.kill(os.getpid(), signal.SIGKILL)  # no end_run, no clean exit: the process dies
-"""
-
-
-@pytest.mark.parametrize("wal", ["1", "0"])
-def test_a_sqlite_store_writes_ahead_and_keeps_what_a_killed_process_committed(tmp_path, wal):
-    """The store is switched to write-ahead logging (synchronous=NORMAL: a commit does not sync the database
-    file); a writer killed with SIGKILL straight after logging loses nothing. CNNBENCH_SQLITE_WAL=0 leaves
-    SQLite's rollback journal."""
-    import sqlite3
-
-    db = tmp_path / "mlflow.db"
-    env = os.environ | {"CNNBENCH_SQLITE_WAL": wal, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, f"sqlite:///{db}"], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == ("wal" if wal == "1" else "delete")
-    run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(proc.stdout.split()[0])
-    assert run.data.metrics["test_accuracy"] == 0.97 and run.data.params["lr"] == "0.05"
