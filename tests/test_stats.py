@@ -80,6 +80,11 @@ def test_sign_test_decides_where_collapsed_seeds_leave_the_t_interval_open():
     undecided = stats.compare_all({"b": base, "v": {s: v - (0.01 if s < 4 else -0.01) for s, v in base.items()}},
                                   "b", 0.05, True, test="sign")["v"]
     assert undecided.verdict == "inconclusive" and "8 of 12 paired differences above 0, 4 below" in undecided.notes[0]
+    from cnnbench.metrics import metric
+    from cnnbench.report.prose import could_detect
+
+    assert could_detect(undecided, metric("test_accuracy")).startswith("8 of 12 paired differences are above 0 and 4 "
+                                                                       "below; the sign test's interval of the median is [")
 
 
 def test_sign_test_error_rate_holds_for_skewed_bimodal_differences():

@@ -13,6 +13,7 @@ from cnnbench.config import TUNING_SEED_BASE, Suite
 from cnnbench.metrics import metric
 from cnnbench.report.selection import per_seed
 from cnnbench.report.tables import (
+    bound,
     delta_ci,
     importance_table,
     magnitude,
