@@ -218,19 +218,16 @@ def paired(variant: dict[int, float], baseline: dict[int, float], level: float =
 
 
 def _sign_interval(out: Paired, d: np.ndarray, level: float) -> None:
-    """Median of ``d`` with the order-statistic interval [d_(k), d_(n+1−k)], k the largest with
-    2·P(Binomial(n, ½) ≤ k − 1) ≤ level (its coverage is at least 1 − level for any distribution), and the
+    """Median of ``d`` with the sign test's order-statistic interval (``scipy.stats.quantile_test``; its
+    coverage is at least 1 − level for any distribution; unbounded when n is too small for any), and the
     two-sided sign test of the signs."""
     from scipy import stats
 
-    n, ordered = len(d), np.sort(d)
     out.method, out.delta = "sign", float(np.median(d))
-    k = 0
-    while 2 * stats.binom.cdf(k, n, 0.5) <= level:
-        k += 1
-    out.low, out.high = (float(ordered[k - 1]), float(ordered[n - k])) if k else (-math.inf, math.inf)
+    ci = stats.quantile_test(d, q=0, p=0.5).confidence_interval(1 - level)
+    out.low, out.high = (float(ci.low), float(ci.high)) if np.isfinite(ci.low) else (-math.inf, math.inf)
     # zeros count against the claim, as in the interval: p ≤ level exactly when the interval excludes 0
-    out.p = min(1.0, float(2 * stats.binom.cdf(n - max(out.above, out.below), n, 0.5)))
+    out.p = min(1.0, float(2 * stats.binom.cdf(len(d) - max(out.above, out.below), len(d), 0.5)))
 
 
 def fact(variant: dict[int, float], baseline: dict[int, float]) -> Paired:
