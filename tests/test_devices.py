@@ -188,6 +188,22 @@ def test_flops_and_mfu_are_recorded_against_the_measured_peak(monkeypatch, tmp_p
     assert 0 < m["mfu"] < 1
 
 
+def test_the_step_flop_count_is_probed_once_per_architecture_and_input(monkeypatch):
+    import cnnbench.train as trainmod
+
+    probes = []
+    real = trainmod.flops_per_sample
+    monkeypatch.setattr(trainmod, "flops_per_sample", lambda *a, **k: probes.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(trainmod, "_STEP_FLOPS", {})
+    exp = _experiment(train={"epochs": 1})
+    other = _experiment(train={"epochs": 1}, model={"name": "simple_cnn"})
+    runs = [train(e, seed, _split(e), torch.device("cpu")) for e, seed in ((exp, 0), (exp, 1), (other, 0), (other, 2))]
+    assert len(probes) == 2  # one per architecture: other seeds reuse the count
+    gflops_per_img = [r.metrics["train_gflops"] / r.metrics["train_throughput"] for r in runs]
+    assert gflops_per_img[0] == pytest.approx(gflops_per_img[1]) and gflops_per_img[2] == pytest.approx(gflops_per_img[3])
+    assert gflops_per_img[2] != gflops_per_img[0]  # the other architecture got a count of its own
+
+
 def test_new_train_knobs_at_their_defaults_keep_old_fingerprints():
     """Runs recorded before these knobs existed did fp32/NCHW/eager: they stay reusable."""
     exp = _experiment()
