@@ -5,7 +5,7 @@
 - ``local`` (default): ``checkpoints/<suite>/<fingerprint>.pt`` beside a SQLite store, else in the worker's
   current directory. Free, and enough on one machine.
 - a directory: the same layout under it — a shared filesystem every worker mounts.
-- ``mlflow``: the local file, plus a copy uploaded after every epoch into the run's own MLflow artifacts
+- ``mlflow``: the local file, plus a copy uploaded after every save into the run's own MLflow artifacts
   (``checkpoint/state-<epoch % 2>.pt``: two slots, so a worker killed mid-upload leaves the previous epoch's
   copy whole) and, after the upload, its slot, epoch and SHA-256 as run tags. A run that starts again on any
   machine (re-queued from a dead worker) finds the newest copy among the earlier attempts of the same
@@ -26,6 +26,11 @@ from pathlib import Path
 
 from cnnbench.checkpoints import CheckpointError, TrainingCheckpoint
 from cnnbench.tracking import Tracker, sqlite_path
+
+# A run saves its state after an epoch once this many seconds have passed since its start or last save:
+# a killed run redoes at most that much (plus an epoch); a run shorter than this (the quickstart's take
+# half a second) writes no state at all — each save is a torch.save and an fsync, a few ms per epoch.
+CHECKPOINT_EVERY_S = 10.0
 
 LOCAL, MLFLOW = "local", "mlflow"
 ARTIFACT_DIR = "checkpoint"
@@ -53,8 +58,9 @@ def sha256(path: Path) -> str:
 class CheckpointStore:
     """The training checkpoints of one suite's runs (see the module docstring for ``where``)."""
 
-    def __init__(self, where: str, tracker: Tracker, suite_name: str, experiment_id: str):
-        self.travels = where == MLFLOW
+    def __init__(self, where: str, tracker: Tracker, suite_name: str, experiment_id: str,
+                 every_s: float = CHECKPOINT_EVERY_S):
+        self.travels, self.every_s = where == MLFLOW, every_s
         self.tracker, self.experiment_id = tracker, experiment_id
         self.dir = local_root(tracker.uri, where) / suite_name
 
@@ -72,7 +78,7 @@ class CheckpointStore:
             self._download(source, slot, digest, path)
             tags["cnnbench.resumed_from"] = f"runs:/{source}/{slot} (epoch {epoch})"
         upload = _Uploads(self.tracker, run_id) if self.travels else None
-        return TrainingCheckpoint(path, owner=fingerprint, on_saved=upload), tags
+        return TrainingCheckpoint(path, owner=fingerprint, on_saved=upload, every_s=self.every_s), tags
 
     def finished(self, fingerprint: str) -> None:
         """The run's result is recorded: its local file and every travelled copy of it go."""

@@ -80,11 +80,15 @@ TRAINING_STATE_KEYS = {"version", "owner", "epoch", "model", "optimizer", "sched
 class TrainingCheckpoint:
     """Where one run keeps its per-epoch training state. ``owner`` (the run's fingerprint) is saved in the
     state and checked when it is loaded: a state saved by another run is refused. ``on_saved(path, epoch)``
-    is called after each save (checkpoints that travel upload it: :mod:`cnnbench.checkpoint_store`)."""
+    is called after each save (checkpoints that travel upload it: :mod:`cnnbench.checkpoint_store`).
+    ``every_s``: an epoch's state is saved only when at least this many seconds have passed since the
+    run started or last saved (0: after every epoch) — a run killed mid-way redoes at most that much
+    training, and a run of a few seconds, cheaper to redo than to save, writes nothing."""
 
     path: Path
     owner: str = ""
     on_saved: Callable[[Path, int], None] | None = None
+    every_s: float = 0.0
 
 
 def save_training_state(path: str | Path, owner: str = "", **state) -> Path:

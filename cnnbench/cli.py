@@ -98,9 +98,14 @@ def main() -> None:
               metavar="local|mlflow|DIR",
               help="Where each run keeps its per-epoch training state [env CNNBENCH_CHECKPOINTS]: local (beside the "
                    "SQLite store, else ./checkpoints), mlflow (also uploaded to the run's MLflow artifacts after "
-                   "every epoch: a run re-queued to another machine resumes from it), or a directory all workers share.")
+                   "each save: a run re-queued to another machine resumes from it), or a directory all workers share.")
+@click.option("--checkpoint-every", "checkpoint_every", default=None, type=click.FloatRange(min=0),
+              envvar="CNNBENCH_CHECKPOINT_EVERY", metavar="SECONDS",
+              help="A run saves its training state after an epoch once this many seconds have passed since its start "
+                   "or last save (0: every epoch) [env CNNBENCH_CHECKPOINT_EVERY]: a killed run redoes at most that "
+                   "much, and runs shorter than this save nothing  [default: 10]")
 def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
-        heartbeat_s, grace_s, checkpoints):
+        heartbeat_s, grace_s, checkpoints, checkpoint_every):
     """Run SUITE (a YAML file), log every run to MLflow and write reports/<name>.md.
 
     A suite with a `search` section first tunes every variant with the same Optuna budget (only
@@ -120,7 +125,7 @@ def run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, qu
     _check_checkpoints(checkpoints)
     try:
         _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
-             queue, checkpoints)
+             queue, checkpoints, checkpoint_every)
     except KeyboardInterrupt:  # before any run was started, or while writing the report
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -143,7 +148,7 @@ def _check_checkpoints(where: str) -> None:
 
 
 def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, quiet, no_report, no_search, storage,
-         queue, checkpoints="local"):
+         queue, checkpoints="local", checkpoint_every=None):
     spec = _load(suite, overrides)
     if queue is not None and spec.adaptive:
         _fail(f"{suite}: adaptive seeds (seeds: {{min, max}}) need one process to read the verdicts between rounds, "
@@ -153,6 +158,7 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         _fail(f"{suite}: architecture_search runs in one process (its front decides which variants the queue would "
               "hold); run the suite without a shared --storage queue")
     from cnnbench import devices
+    from cnnbench.checkpoint_store import CHECKPOINT_EVERY_S
     from cnnbench.data import DataNotFoundError
     from cnnbench.interrupts import Interrupted, clear_interrupt, interrupt_requested, request_interrupt
     from cnnbench.optuna_storage import StorageUnavailable
@@ -197,7 +203,8 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         with store_lock, events:
             outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
                                 command=_reproduce_command(suite, overrides, device, no_search),
-                                search=not no_search, storage=storage, queue=queue, checkpoints=checkpoints)
+                                search=not no_search, storage=storage, queue=queue, checkpoints=checkpoints,
+                                checkpoint_every=CHECKPOINT_EVERY_S if checkpoint_every is None else checkpoint_every)
     except StorageUnavailable as e:
         _fail(f"{e}\n(--storage takes postgresql://user@host/db, sqlite:///path.db or a journal file path)")
     except Interrupted as e:

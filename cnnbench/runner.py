@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import yaml
 
 from cnnbench import __version__
-from cnnbench.checkpoint_store import LOCAL, CheckpointStore
+from cnnbench.checkpoint_store import CHECKPOINT_EVERY_S, LOCAL, CheckpointStore
 from cnnbench.checkpoints import CheckpointError
 from cnnbench.config import RunSpec, Suite, flatten, plan, source_of
 from cnnbench.interrupts import Interrupted, interruptible, raise_if_interrupted
@@ -72,6 +72,7 @@ def run_suite(
     storage: str | None = None,
     queue=None,
     checkpoints: str = LOCAL,
+    checkpoint_every: float = CHECKPOINT_EVERY_S,
 ) -> SuiteOutcome:
     """Tune each variant (when the suite has a ``search`` and ``search`` is true), then run every planned
     (variant, seed) not already done; ``command`` is recorded as the way to reproduce.
@@ -79,11 +80,12 @@ def run_suite(
     ``storage``: the Optuna storage URL or journal path (default: a journal beside the MLflow store).
     ``queue``: a :class:`cnnbench.workqueue.QueueSettings` — this process is one of possibly many
     workers sharing the suite's runs through that RDB storage (:func:`run_worker`).
-    ``checkpoints``: where per-epoch training state goes (:mod:`cnnbench.checkpoint_store`).
+    ``checkpoints``: where per-epoch training state goes (:mod:`cnnbench.checkpoint_store`), saved at most
+    every ``checkpoint_every`` seconds of a run.
     """
     if queue is not None:
         return run_worker(suite, tracker, queue, data_dir=data_dir, device=device, events=events, command=command,
-                          search=search, checkpoints=checkpoints)
+                          search=search, checkpoints=checkpoints, checkpoint_every=checkpoint_every)
     from cnnbench.environment import capsule
 
     events = events or Events()
@@ -120,7 +122,7 @@ def run_suite(
         events.suite_start(suite, specs, outcome.reused)
         abandoned = tracker.running_fingerprints(exp_id, suite.name)  # left RUNNING by a process that died
         side = SideBySide(suite)
-        store = CheckpointStore(checkpoints, tracker, suite.name, exp_id)
+        store = CheckpointStore(checkpoints, tracker, suite.name, exp_id, checkpoint_every)
         seeds, counts = suite.seed_list(), suite.looks().counts
         index = first = 0
         for k, count in enumerate(counts):  # one round for a fixed seed list; adaptive: until decided
@@ -207,7 +209,7 @@ def _close_parent(tracker: Tracker, parent: str, counts: Counter, reused: int, w
 
 def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None = None, device: str | None = None,
                events: Events | None = None, command: str | None = None, search: bool = True,
-               checkpoints: str = LOCAL) -> SuiteOutcome:
+               checkpoints: str = LOCAL, checkpoint_every: float = CHECKPOINT_EVERY_S) -> SuiteOutcome:
     """One worker of a shared queue (:mod:`cnnbench.workqueue`): help with the searches, then pop and run
     (variant, seed) runs until none is waiting or running. Interrupting a worker puts its run back in the
     queue (its MLflow run ends KILLED); the others go on. ``outcome.counts`` are this worker's runs."""
@@ -249,7 +251,7 @@ def run_worker(suite: Suite, tracker: Tracker, settings, *, data_dir: str | None
     queued = len({t.user_attrs.get("plan_key") for t in queue.study.get_trials(deepcopy=False)} - {None})
     outcome.reused = len(specs) - queued
     events.suite_start(suite, specs, outcome.reused)
-    store = CheckpointStore(checkpoints, tracker, suite.name, exp_id)
+    store = CheckpointStore(checkpoints, tracker, suite.name, exp_id, checkpoint_every)
     while True:
         raise_if_interrupted()
         trial = queue.pop()

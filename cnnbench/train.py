@@ -138,8 +138,8 @@ def train(
     ``evaluate_test=False`` (search trials) never touches the test set. ``model`` starts from these
     weights instead of the seed's initial ones (fine-tuning); ``loss_fn(logits, labels, inputs)``
     replaces the cross-entropy (distillation). ``checkpoint``: the training state is written there
-    (atomically) after every epoch, and a run that finds one continues after its last finished epoch
-    with the same result as an uninterrupted run. ``rank_world``: this process's rank and the number of
+    (atomically) after an epoch, at most every ``checkpoint.every_s`` seconds, and a run that finds one
+    continues after its last saved epoch with the same result as an uninterrupted run. ``rank_world``: this process's rank and the number of
     processes in a data-parallel run (``cnnbench.distributed`` starts them, with the process group up):
     each takes its share of every batch and DDP averages the gradients.
     """
@@ -197,6 +197,7 @@ class _Run:
     checks_per_epoch: int = 1
     check_time: float = 0.0  # seconds of mid-epoch validation, taken out of the training time
     rank: int = 0  # data-parallel training: this process's share of every batch, of ``world``
+    saved_at: float = field(default_factory=time.perf_counter)  # when the run started or last checkpointed
     world: int = 1
 
     def autocast(self):
@@ -323,8 +324,9 @@ def _loop(run: _Run, on_epoch, on_batch, checkpoint: TrainingCheckpoint | None) 
             run.best_val_loss, run.epochs_since_best = val_loss, 0
         else:
             run.epochs_since_best += 1
-        if checkpoint is not None and epoch < exp.train.epochs:
+        if checkpoint is not None and epoch < exp.train.epochs and time.perf_counter() - run.saved_at >= checkpoint.every_s:
             _save(run, checkpoint, epoch)
+            run.saved_at = time.perf_counter()
         if on_epoch is not None:
             on_epoch(record)
         if patience is not None and run.epochs_since_best >= patience and epoch < exp.train.epochs:

@@ -41,6 +41,31 @@ def _learned(result):
     return history, metrics
 
 
+def test_a_run_saves_its_state_at_most_every_every_s_seconds(tmp_path, monkeypatch):
+    """The checkpoint policy: after every epoch with every_s 0; none within every_s of the last save (a run
+    shorter than every_s, cheaper to redo than to save, writes nothing); CheckpointStore passes the
+    suite-wide setting on (``--checkpoint-every``, default CHECKPOINT_EVERY_S)."""
+    import cnnbench.train as trainmod
+    from cnnbench.checkpoint_store import CHECKPOINT_EVERY_S, LOCAL, CheckpointStore
+    from cnnbench.checkpoints import TrainingCheckpoint
+    from cnnbench.tracking import Tracker
+
+    exp = _experiment()  # 4 epochs
+    split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
+    saved = []
+    real_save = trainmod._save
+    monkeypatch.setattr(trainmod, "_save", lambda run, ckpt, epoch: saved.append(epoch) or real_save(run, ckpt, epoch))
+    train(exp, 0, split, torch.device("cpu"), checkpoint=TrainingCheckpoint(tmp_path / "a.pt", every_s=0))
+    assert saved == [1, 2, 3]  # not after the last epoch: the run is done
+    saved.clear()
+    train(exp, 0, split, torch.device("cpu"), checkpoint=TrainingCheckpoint(tmp_path / "b.pt", every_s=3600))
+    assert saved == [] and not (tmp_path / "b.pt").exists()
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    store = CheckpointStore(LOCAL, tracker, "tiny", tracker.experiment_id("tiny"))
+    assert store.open("fp", "run")[0].every_s == CHECKPOINT_EVERY_S > 0
+    assert CheckpointStore(LOCAL, tracker, "tiny", "0", every_s=0).open("fp", "run")[0].every_s == 0
+
+
 def test_stopped_after_two_epochs_and_resumed_equals_uninterrupted(tmp_path):
     exp = _experiment()
     split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
@@ -90,7 +115,8 @@ def test_sigterm_mid_run_then_resume_redoes_only_what_was_lost(workdir):
     (workdir / "a").mkdir()
     (workdir / "b").mkdir()
     suite = write_suite(workdir / "a" / "tiny.yaml", text)
-    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report"],
+    proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report",
+                             "--checkpoint-every", "0"],  # tiny epochs: save each one
                             cwd=workdir / "a", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpts = workdir / "a" / "checkpoints" / "tiny"
     try:

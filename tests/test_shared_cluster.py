@@ -272,7 +272,7 @@ def test_a_run_killed_on_machine_a_finishes_on_machine_b_from_its_travelled_chec
     for s in suites.values():  # one variant: one run to follow
         s.write_text(s.read_text().replace("  adam: {optimizer: {name: adam, lr: 0.001}}\n", ""))
     common = ["-q", "--no-report", "--storage", storage, "--tracking-uri", mlflow_server, "--checkpoints", "mlflow",
-              *FAST_HEARTBEAT]
+              "--checkpoint-every", "0", *FAST_HEARTBEAT]
     a = _cnnbench([suites["a"], *common], machines["a"], ENV)
     client = MlflowClient(mlflow_server)
     deadline, run = time.monotonic() + 180, None

@@ -235,7 +235,7 @@ def test_tracking_server_stopped_mid_suite_fails_loudly_and_the_next_run_redoes_
     suite = _suite(workdir, "lost", seeds=2, epochs=6)
     try:
         proc = subprocess.Popen([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report",
-                                 "--tracking-uri", url], cwd=workdir, env=ENV, stdout=subprocess.PIPE,
+                                 "--tracking-uri", url, "--checkpoint-every", "0"], cwd=workdir, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         client = MlflowClient(url)
         deadline = time.monotonic() + 120
