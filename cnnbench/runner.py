@@ -164,10 +164,10 @@ def run_suite(
 def _round_verdict(suite: Suite, tracker: Tracker, k: int, count: int) -> tuple[bool, str]:
     """After round ``k`` of an adaptive suite: whether every comparison it waits for is decided, read from
     the tracking store as the report reads it, at the α this look spends."""
-    from cnnbench.report.selection import comparisons, decided, select_runs
+    from cnnbench.report.selection import comparisons, decided, select_runs, waited_for
 
     runs = select_runs(suite, tracker.runs_frame(suite.name))
-    comps = comparisons(suite, runs)
+    comps = comparisons(suite, runs, metrics=waited_for(suite), detail=False)  # verdicts only: no Wilcoxon
     left = [v for v, r in comps[suite.report.primary].items() if not r.decided]
     last = k == len(suite.looks().counts) - 1
     if decided(suite, comps):

@@ -2,6 +2,7 @@
 then), the timing protocol's record and report section, and `cnnbench validate` planning seeds."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,37 @@ def test_a_sign_test_suite_reports_the_median_and_its_interval(cli, workdir):
     row = next(line for line in md.splitlines() if line.startswith("| frozen"))
     assert "worse" in row and "(n=6)" in row
     assert "sign test; 0 up, 6 down" in md
+
+
+def test_the_stopping_decision_reads_the_same_verdicts_as_the_report_without_its_details():
+    """Between rounds only the metrics the suite waits for are compared, without the Wilcoxon column or
+    detectable effects: the verdicts are the report's."""
+    import numpy as np
+    import pandas as pd
+
+    from cnnbench.config import Suite
+    from cnnbench.report.selection import comparisons, waited_for
+
+    suite = Suite.model_validate({
+        "name": "s", "question": "q", "base": {"data": {"dataset": "digits"}},
+        "variants": {"base": {}, "up": {"optimizer": {"lr": 0.02}}, "same": {"optimizer": {"lr": 0.011}},
+                     "noisy": {"optimizer": {"lr": 0.012}}},
+        "baseline": "base", "seeds": {"min": 4, "max": 8, "per_round": 4},
+        "report": {"margin": {"test_accuracy": "1 pp", "test_loss": 0.05}}})
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(8):
+        b = 0.9 + 0.01 * rng.standard_normal()
+        for v, acc in (("base", b), ("up", b + 0.03 + 0.002 * rng.standard_normal()),
+                       ("same", b + 0.001 * rng.standard_normal()), ("noisy", b + 0.05 * rng.standard_normal())):
+            rows.append({"variant": v, "seed": seed, "status": "finished", "metrics.test_accuracy": acc,
+                         "metrics.test_loss": 1 - acc, "metrics.train_time_s": 1 + rng.random()})
+    runs = pd.DataFrame(rows)
+    full = comparisons(suite, runs)
+    quick = comparisons(suite, runs, metrics=waited_for(suite), detail=False)
+    assert waited_for(suite) == ["test_accuracy", "test_loss"] and set(quick) == set(waited_for(suite))
+    for m in quick:
+        assert {v: r.verdict for v, r in quick[m].items()} == {v: r.verdict for v, r in full[m].items()}
+        assert all(math.isnan(r.mde) and math.isnan(r.p_wilcoxon) for r in quick[m].values())
+    assert {v: r.verdict for v, r in full["test_accuracy"].items()} == {"up": "better", "same": "equivalent",
+                                                                          "noisy": "inconclusive"}

@@ -94,13 +94,16 @@ def seeds_run(runs: pd.DataFrame) -> int:
     return int(runs.loc[runs["status"] != "missing", "seed"].nunique()) if not runs.empty else 0
 
 
-def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) -> dict[str, dict[str, stats.Paired]]:
+def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None, metrics: list[str] | None = None,
+                detail: bool = True) -> dict[str, dict[str, stats.Paired]]:
     """metric → variant → paired comparison with the baseline (or the variant's ``report.against``
     reference), decided at the α of the look reached.
 
     Margins come from ``report.margin``; timing metrics use ``report.timing.margin`` unless the suite gives
-    them one, and ``floor`` (the relative A/A noise floor of the timing protocol; None: not measured)."""
-    metrics = list(dict.fromkeys([suite.report.primary, *suite.report.metrics]))
+    them one, and ``floor`` (the relative A/A noise floor of the timing protocol; None: not measured).
+    ``metrics``: only these (default: the report's); ``detail=False`` leaves out what no verdict needs (the
+    Wilcoxon column, detectable effects) — a stopping decision between rounds reads only verdicts."""
+    metrics = list(dict.fromkeys(metrics or [suite.report.primary, *suite.report.metrics]))
     # time to target is censored: compared through the Kaplan–Meier median, not as a paired mean
     metrics = [m for m in metrics if m not in CENSORED]
     level_alpha = suite.looks().level(max(seeds_run(runs), 1))
@@ -115,7 +118,7 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None) ->
         out[m] = stats.compare_all(values, suite.baseline, suite.report.alpha, higher_is_better(suite, m),
                                    kind=kind, margin=margin, relative_margin=relative, floor=floor,
                                    level_alpha=level_alpha, bounds=row.bounds, references=suite.report.against,
-                                   test=suite.report.test)
+                                   test=suite.report.test, detail=detail)
     primary = suite.report.primary
     for v, r in out.get(primary, {}).items():  # a recipe that diverges on every seed is an answer, not a gap
         reference = suite.reference(v)
@@ -133,11 +136,15 @@ def did_not_train(runs: pd.DataFrame, variant: str) -> bool:
     return not ran.empty and (ran == "diverged").all()
 
 
+def waited_for(suite: Suite) -> list[str]:
+    """The metrics an adaptive suite waits for: the primary one, and every metric the suite gives a margin."""
+    return list(dict.fromkeys([suite.report.primary] + (list(suite.report.margin)
+                                                        if isinstance(suite.report.margin, dict) else [])))
+
+
 def decided(suite: Suite, comps: dict[str, dict[str, stats.Paired]]) -> bool:
-    """Whether every comparison an adaptive suite waits for is decided: the primary metric's, and those of
-    every metric the suite gives a margin."""
-    waits = [suite.report.primary] + (list(suite.report.margin) if isinstance(suite.report.margin, dict) else [])
-    return all(r.decided for m in dict.fromkeys(waits) if m in comps for r in comps[m].values())
+    """Whether every comparison an adaptive suite waits for (:func:`waited_for`) is decided."""
+    return all(r.decided for m in waited_for(suite) if m in comps for r in comps[m].values())
 
 
 def time_to_target(runs: pd.DataFrame, variant: str) -> stats.TimeToTarget:
