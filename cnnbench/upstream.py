@@ -26,7 +26,9 @@ class Upstream:
     def __init__(self, suite: Suite, tracker, experiment_id: str):
         self.suite, self.tracker, self.experiment_id = suite, tracker, experiment_id
         self.needed = {u for v in suite.experiments for u in upstream_variants(suite, v)}
-        self.cache_dir = Path(tempfile.mkdtemp(prefix=f"cnnbench-{suite.name}-checkpoints-"))
+        # removed when this object goes or the process exits (every `cnnbench run` used to leave one in /tmp)
+        self._cache = tempfile.TemporaryDirectory(prefix=f"cnnbench-{suite.name}-checkpoints-")
+        self.cache_dir = Path(self._cache.name)
         self.local: dict[tuple[str, int], Path] = {}
         self.failed: dict[tuple[str, int], str] = {}
 

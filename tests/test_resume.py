@@ -141,8 +141,11 @@ def test_sigterm_mid_run_then_resume_redoes_only_what_was_lost(workdir):
     assert [r.info.status for r in runs(workdir / "a")] == ["KILLED"]
     resumed = subprocess.run([sys.executable, "-m", "cnnbench", "run", str(suite), "-q", "--no-report"],
                              cwd=workdir / "a", env=env, capture_output=True, text=True, timeout=300)
+    (workdir / "tmp").mkdir()
     fresh = subprocess.run([sys.executable, "-m", "cnnbench", "run", str(write_suite(workdir / "b" / "tiny.yaml", text)),
-                            "-q", "--no-report"], cwd=workdir / "b", env=env, capture_output=True, text=True, timeout=300)
+                            "-q", "--no-report"], cwd=workdir / "b", env=env | {"TMPDIR": str(workdir / "tmp")},
+                           capture_output=True, text=True, timeout=300)
+    assert not list((workdir / "tmp").glob("cnnbench-*"))  # no temporary directory of its own left behind
     assert resumed.returncode == 0 and fresh.returncode == 0, resumed.stderr + fresh.stderr
     assert not any(ckpts.glob("*.pt"))  # removed once the run finished
     [done] = [r for r in runs(workdir / "a") if r.info.status == "FINISHED"]
