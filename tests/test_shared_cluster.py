@@ -111,7 +111,7 @@ def test_a_travelled_checkpoint_that_was_changed_or_belongs_to_another_run_is_re
     split = datamod.split(datamod.load(exp.data), exp.data.val_fraction)
     tracker = Tracker("sqlite:///mlflow.db")
     exp_id = tracker.experiment_id("tiny")
-    machine_a = CheckpointStore(MLFLOW, tracker, "tiny", exp_id)
+    machine_a = CheckpointStore(MLFLOW, tracker, "tiny", exp_id, every_s=0)  # tiny epochs: save each one
     first = _tiny_run(tracker, exp_id, "fp-a")
     ckpt, resumed = machine_a.open("fp-a", first)
     assert resumed == {}
