@@ -179,8 +179,8 @@ def test_bad_override_missing_file_and_forced_absent_device(cli, workdir):
 def test_validate_prints_the_plan_and_list_prints_registries(cli):
     result = cli("validate", SUITES / "quickstart.yaml")
     assert result.exit_code == 0
-    assert "4 variants × 8 seeds (0, 1, 2, 3, 4, 5, 6, 7) = 32 runs" in result.output and "total: 320 epochs" in result.output
-    assert "adaptive seeds: rounds at 4, 6, 8 seeds, stopping once every comparison is decided — 16 runs at least" \
+    assert "4 variants × 6 seeds (0, 1, 2, 3, 4, 5) = 24 runs" in result.output and "total: 240 epochs" in result.output
+    assert "adaptive seeds: rounds at 4, 6 seeds, stopping once every comparison is decided — 16 runs at least" \
         in result.output
     result = cli("list")
     assert result.exit_code == 0
