@@ -1,5 +1,6 @@
 """Reports rendered from a real SQLite MLflow store built here with fixed metrics (golden output)."""
 
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from cnnbench.config import load_suite, plan
 from cnnbench.metrics import metric
 from cnnbench.registries import all_registries
 from cnnbench.report import build_report
+from cnnbench.report.build import META_PREFIX
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, Tracker
 from tests.conftest import REPO, TINY_SUITE, write_suite
 
@@ -158,6 +160,12 @@ def test_running_a_suite_twice_gives_identical_metrics_and_the_report_says_so(cl
         assert pair[cols].nunique(dropna=False).eq(1).all(), pair[cols].T  # bit-for-bit equal
     text = (workdir / "reports" / "tiny.md").read_text()
     assert "Deterministic: 4 configuration(s) run more than once gave identical test accuracy and loss" in text
+    # the CPU is named with the instruction set torch ran on: one model name spans machines several-fold apart
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    meta = json.loads(text.split(META_PREFIX, 1)[1].split(" -->", 1)[0])
+    assert meta["cpu"].endswith(f" ({isa})") and re.search(rf"\| device \| cpu; .+ \({isa}\), \d+ threads \|", text)
 
 
 # Runs in a fresh interpreter: renders the report through the CLI, then fails if torch was imported,

@@ -93,7 +93,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     meta = {"name": suite.name, "question": suite.question, "generated": generated, "primary": suite.report.primary,
             "answer": summary, "headline": headline(suite, comps), "decided": decided, "comparisons": made,
             "margin": magnitude(margin, metric(suite.report.primary)) if margin is not None else None,
-            "seeds": seeds_run(runs), "wall_s": wall_s, "cpu": env.get("cpu"),
+            "seeds": seeds_run(runs), "wall_s": wall_s, "cpu": cpu_label(env),
             "time_to_target": ttt_by_seed(suite, runs)}
 
     lines = [
@@ -123,7 +123,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         f"| runs from | {last_run} (newest suite run); report generated {generated} |",
         f"| wall time | {wall_text(wall_s)} for `cnnbench run` to run every run shown here"
         f" ({n_of(len(used_parents), 'invocation')}, searches, timing protocol and MLflow included) |",
-        f"| device | {devices}; {env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads |",
+        f"| device | {devices}; {cpu_label(env) or '?'}, {env.get('torch_threads', '?')} threads |",
         "",
         "## Results",
         "",
@@ -163,7 +163,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     for name, override in suite.variants.items():
         lines.append(f"- `{name}`: " + (f"`{json.dumps(override, separators=(', ', ': '))}`" if override else "baseline"))
     lines += ["", "## Environment", ""]
-    env_keys = ["cnnbench", "git_commit", "python", "torch", "torchvision", "mlflow", "platform", "cpu", "cpu_count",
+    env_keys = ["cnnbench", "git_commit", "python", "torch", "torchvision", "mlflow", "platform", "cpu", "cpu_flags", "cpu_count",
                 "torch_threads"]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {env[k]} |" for k in env_keys if k in env] + [""]
     lines += ["## Reproduce", "", "```", env.get("command") or f"cnnbench run {suite.source}", "```", ""]
@@ -185,6 +185,15 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     tmp.replace(path)
     write_index(reports_dir)
     return path
+
+
+def cpu_label(env: dict[str, str]) -> str | None:
+    """The CPU's model with the instruction set torch dispatched to, e.g. "AMD EPYC (AVX2)": one model name
+    covers machines whose speeds differ several-fold (bf16 is ~2× faster than fp32 with AVX-512 bf16 and ~10×
+    slower without), so a wall time means little without it."""
+    dispatch = re.search(r"torch dispatch: ([A-Z0-9_]+)", env.get("cpu_flags", ""))
+    cpu = env.get("cpu")
+    return f"{cpu} ({dispatch.group(1)})" if cpu and dispatch and dispatch.group(1) != "unknown" else cpu
 
 
 def results_section(suite: Suite, runs: pd.DataFrame, comps: dict, table: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
