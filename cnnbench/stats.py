@@ -142,6 +142,14 @@ def sign_flip_seeds(level: float) -> int:
     return max(2, math.floor(1 - math.log2(level)) + 1)
 
 
+def sign_test_side(n: int, level: float) -> int | None:
+    """The fewest of ``n`` paired differences that must lie on one side of 0 (zeros count against) for the
+    two-sided sign test to exclude 0 at ``level``; None when not even all ``n`` would."""
+    from scipy import stats
+
+    return next((k for k in range(n // 2 + 1, n + 1) if 2 * stats.binom.cdf(n - k, n, 0.5) <= level), None)
+
+
 # ── one comparison ─────────────────────────────────────────────────────────────────────────────────
 
 

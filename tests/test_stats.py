@@ -65,6 +65,19 @@ def test_sign_test_interval_is_scipys_order_statistic_interval_of_the_median():
     assert (too_few.low, too_few.high) == (-math.inf, math.inf)  # 2^(1−5) > 0.05: no interval excludes anything
 
 
+def test_the_count_on_one_side_that_the_sign_test_needs_is_the_one_at_which_its_interval_leaves_0():
+    """What an inconclusive sign test could detect: the fewest seeds on one side that exclude 0. At that count
+    (the rest below 0) scipy's interval of the median excludes 0; one fewer, and it does not."""
+    for n, level in [(15, 0.0118 / 11), (30, 0.0118 / 11), (30, 0.0118 / 6), (12, 0.05), (10, 0.002)]:
+        k = stats.sign_test_side(n, level)
+        at = [1.0] * k + [-1.0] * (n - k)
+        below = [1.0] * (k - 1) + [-1.0] * (n - k + 1)
+        assert st.quantile_test(at, q=0, p=0.5).confidence_interval(1 - level).low > 0
+        assert st.quantile_test(below, q=0, p=0.5).confidence_interval(1 - level).low <= 0
+    assert (stats.sign_test_side(30, 0.0118 / 11), stats.sign_test_side(30, 0.0118 / 6)) == (25, 24)
+    assert stats.sign_test_side(5, 0.05) is None  # 2^(1−5) > 0.05: not even 5 of 5 would
+
+
 def test_sign_test_decides_where_collapsed_seeds_leave_the_t_interval_open():
     """The normalization/optimizers problem: the variant wins on every seed, but the reference collapses on 3 of
     12, so the differences are +0.5 pp nine times and +59 pp three times. The t-interval spans 0; the sign

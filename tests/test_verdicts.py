@@ -196,6 +196,22 @@ def test_a_sign_test_suite_reports_the_median_and_its_interval(cli, workdir):
     assert "sign test; 0 up, 6 down" in md
 
 
+def test_an_inconclusive_sign_test_says_how_many_seeds_on_one_side_would_decide():
+    """Session 12's normalization and optimizers reports named only the counts and the interval; the reader
+    could not tell how far 10 of 15 was from deciding. At 15 seeds and 11 comparisons (α 0.0118 at the last
+    look) it takes 14 of 15 on one side."""
+    from cnnbench import stats
+    from cnnbench.metrics import metric
+    from cnnbench.report.prose import could_detect
+
+    r = stats.paired(dict(enumerate([0.91] * 10 + [0.89] * 5)), dict.fromkeys(range(15), 0.9), 0.0118 / 11,
+                     test="sign")
+    r.verdict = "inconclusive"
+    text = could_detect(r, metric("test_accuracy"))
+    assert "10 of 15 paired differences are above 0 and 5 below" in text
+    assert "it excludes 0 once 14 of 15 lie on one side" in text
+
+
 def test_the_stopping_decision_reads_the_same_verdicts_as_the_report_without_its_details():
     """Between rounds only the metrics the suite waits for are compared, without the Wilcoxon column or
     detectable effects: the verdicts are the report's."""

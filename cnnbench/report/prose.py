@@ -139,8 +139,10 @@ def could_detect(r: stats.Paired, fmt) -> str:
     if r.method == "sign-flip":
         return f"all {r.n} paired differences are equal, and the exact sign-flip test needs {r.seeds_needed} seeds"
     if r.method == "sign":
+        side = stats.sign_test_side(r.n, r.level)
         return (f"{r.above} of {r.n} paired differences are above 0 and {r.below} below; the sign test's interval "
                 f"of the median is [{bound(r.low, fmt)}, {bound(r.high, fmt)}]"
+                + (f"; it excludes 0 once {side} of {r.n} lie on one side" if side else "")
                 + (f", and it cannot exclude 0 with fewer than {r.seeds_needed} seeds"
                    if r.seeds_needed and r.n < r.seeds_needed else ""))
     span = fmt.bounds[1] - fmt.bounds[0] if fmt.bounds is not None else math.inf
