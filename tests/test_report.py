@@ -13,7 +13,7 @@ from cnnbench.config import load_suite, plan
 from cnnbench.metrics import metric
 from cnnbench.registries import all_registries
 from cnnbench.report import build_report
-from cnnbench.report.build import META_PREFIX
+from cnnbench.report.build import META_PREFIX, share_text
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, Tracker
 from tests.conftest import REPO, TINY_SUITE, write_suite
 
@@ -263,3 +263,4 @@ def test_the_index_reads_the_verdicts_of_a_report_written_before_they_were_in_it
     assert ("| worse: `cpu_1_thread` +1.17 s; no evidence of a difference: `cpu_2_threads` -0.15 s | 1 of 2 | – | 3 | – |"
             in index), index
     assert "Across 1 report: **1 of 2 comparisons decided (50%)**." in index
+    assert (share_text(86, 108), share_text(2, 3), share_text(108, 108)) == ("79.6%", "66.6%", "100%")  # cut, never rounded up

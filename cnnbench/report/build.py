@@ -187,6 +187,12 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
     return path
 
 
+def share_text(part: int, whole: int) -> str:
+    """``part`` of ``whole`` as a percentage cut (not rounded) to one decimal: 86 of 108 is 79.6%, never the "80%"
+    that rounding to a whole percent would print beside a goal of 80%."""
+    return f"{math.floor(1000 * part / whole) / 10:g}%"
+
+
 def cpu_label(env: dict[str, str]) -> str | None:
     """The CPU's model with the instruction set torch dispatched to, e.g. "AMD EPYC (AVX2)": one model name
     covers machines whose speeds differ several-fold (bf16 is ~2× faster than fp32 with AVX-512 bf16 and ~10×
@@ -367,7 +373,7 @@ def write_index(reports_dir: str | Path) -> Path:
     if counted:
         missing = [m["name"] for m in metas if "comparisons" not in m]
         lines += [f"Across {n_of(len(counted), 'report')}: **{decided} of {made} comparisons decided "
-                  f"({decided / made:.0%})**."
+                  f"({share_text(decided, made)})**."
                   + (f" Reports written before verdicts were counted ({', '.join(missing)}) are not included."
                      if missing else ""), ""]
     if walls:
