@@ -13,7 +13,7 @@ from cnnbench.config import load_suite, plan
 from cnnbench.metrics import metric
 from cnnbench.registries import all_registries
 from cnnbench.report import build_report
-from cnnbench.report.build import META_PREFIX, share_text
+from cnnbench.report.build import META_PREFIX, cpu_label, share_text
 from cnnbench.tracking import ROLE_RUN, ROLE_SUITE, Tracker
 from tests.conftest import REPO, TINY_SUITE, write_suite
 
@@ -264,3 +264,10 @@ def test_the_index_reads_the_verdicts_of_a_report_written_before_they_were_in_it
             in index), index
     assert "Across 1 report: **1 of 2 comparisons decided (50%)**." in index
     assert (share_text(86, 108), share_text(2, 3), share_text(108, 108)) == ("79.6%", "66.6%", "100%")  # cut, never rounded up
+
+
+def test_the_cpu_label_keeps_torchs_dispatch_level_whole_and_drops_what_is_unknown():
+    flags = "avx2 fma (torch dispatch: {})"
+    assert cpu_label({"cpu": "AMD EPYC", "cpu_flags": flags.format("AVX512")}) == "AMD EPYC (AVX512)"
+    assert cpu_label({"cpu": "Old", "cpu_flags": flags.format("NO AVX")}) == "Old (NO AVX)"  # torch's words, with a space
+    assert cpu_label({"cpu": "X", "cpu_flags": flags.format("unknown")}) == cpu_label({"cpu": "X"}) == "X"

@@ -197,7 +197,7 @@ def cpu_label(env: dict[str, str]) -> str | None:
     """The CPU's model with the instruction set torch dispatched to, e.g. "AMD EPYC (AVX2)": one model name
     covers machines whose speeds differ several-fold (bf16 is ~2× faster than fp32 with AVX-512 bf16 and ~10×
     slower without), so a wall time means little without it."""
-    dispatch = re.search(r"torch dispatch: ([A-Z0-9_]+)", env.get("cpu_flags", ""))
+    dispatch = re.search(r"torch dispatch: ([^)]+)\)", env.get("cpu_flags", ""))  # e.g. AVX2, AVX512, NO AVX
     cpu = env.get("cpu")
     return f"{cpu} ({dispatch.group(1)})" if cpu and dispatch and dispatch.group(1) != "unknown" else cpu
 
