@@ -25,8 +25,8 @@ from pathlib import Path
 import optuna
 
 from cnnbench.config import Experiment, SearchConfig, Suite
+from cnnbench.events import Events
 from cnnbench.optuna_storage import open_storage
-from cnnbench.runner import Events
 from cnnbench.search import tune_variant
 from cnnbench.tracking import Tracker
 

@@ -201,10 +201,15 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
     events = RichEvents(quiet=quiet)
     try:
         with store_lock, events:
-            outcome = run_suite(spec, tracker, data_dir=data_dir, rerun=rerun, device=device, events=events,
-                                command=_reproduce_command(suite, overrides, device, no_search),
-                                search=not no_search, storage=storage, queue=queue, checkpoints=checkpoints,
-                                checkpoint_every=CHECKPOINT_EVERY_S if checkpoint_every is None else checkpoint_every)
+            common = dict(data_dir=data_dir, device=device, events=events, search=not no_search,
+                          command=_reproduce_command(suite, overrides, device, no_search), checkpoints=checkpoints,
+                          checkpoint_every=CHECKPOINT_EVERY_S if checkpoint_every is None else checkpoint_every)
+            if queue is not None:  # one of possibly many workers sharing the suite's runs through an RDB storage
+                from cnnbench.worker import run_worker
+
+                outcome = run_worker(spec, tracker, queue, **common)
+            else:
+                outcome = run_suite(spec, tracker, rerun=rerun, storage=storage, **common)
     except StorageUnavailable as e:
         _fail(f"{e}\n(--storage takes postgresql://user@host/db, sqlite:///path.db or a journal file path)")
     except Interrupted as e:

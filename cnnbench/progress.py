@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnbench.config import RunSpec, Suite
-from cnnbench.runner import Events
+from cnnbench.events import Events
 
 STATUS_STYLE = {"finished": "green", "diverged": "yellow", "failed": "red", "skipped": "magenta",
                 "complete": "green", "pruned": "yellow"}

@@ -185,7 +185,8 @@ def test_a_suite_that_crashes_ends_its_parent_failed_with_its_wall_time(tmp_path
     """An unexpected error (here: a progress display that raises) must not leave the suite's parent run
     RUNNING forever: it ends FAILED with the wall time it had, so the report can still count it."""
     from cnnbench.config import load_suite
-    from cnnbench.runner import Events, run_suite
+    from cnnbench.events import Events
+    from cnnbench.runner import run_suite
     from cnnbench.tracking import ROLE_SUITE, Tracker
 
     class Broken(Events):
