@@ -102,8 +102,9 @@ def run_suite(
         store = CheckpointStore(checkpoints, tracker, suite.name, exp_id, checkpoint_every)
         seeds, counts = suite.seed_list(), suite.looks().counts
         index = first = 0
+        active = set(suite.variants)  # seeds.drop_decided: later rounds run only what undecided comparisons need
         for k, count in enumerate(counts):  # one round for a fixed seed list; adaptive: until decided
-            for spec in [s for s in todo if first <= seeds.index(s.seed) < count]:
+            for spec in [s for s in todo if first <= seeds.index(s.seed) < count and s.variant in active]:
                 raise_if_interrupted()
                 events.run_start(spec, index, len(todo))
                 index += 1
@@ -115,7 +116,10 @@ def run_suite(
             if side.ready():
                 events.info(side.record(tracker, exp_id, parent))
             if suite.adaptive:
-                stop, message = _round_verdict(suite, tracker, k, count)
+                stop, message, left = _round_verdict(suite, tracker, k, count)
+                if not stop and suite.seeds.drop_decided:
+                    active = still_needed(suite, left)
+                    message += f" with {', '.join(v for v in suite.variants if v in active)}"
                 events.info(message)
                 if stop:
                     break
@@ -138,21 +142,37 @@ def run_suite(
     return outcome
 
 
-def _round_verdict(suite: Suite, tracker: Tracker, k: int, count: int) -> tuple[bool, str]:
+def _round_verdict(suite: Suite, tracker: Tracker, k: int, count: int) -> tuple[bool, str, list[str]]:
     """After round ``k`` of an adaptive suite: whether every comparison it waits for is decided, read from
-    the tracking store as the report reads it, at the α this look spends."""
+    the tracking store as the report reads it, at the α this look spends; and the undecided variants."""
     from cnnbench.report.selection import comparisons, decided, select_runs, waited_for
 
     runs = select_runs(suite, tracker.runs_frame(suite.name))
     comps = comparisons(suite, runs, metrics=waited_for(suite), detail=False)  # verdicts only: no Wilcoxon
-    left = [v for v, r in comps[suite.report.primary].items() if not r.decided]
+    left = [v for v in suite.variants if any(v in comps[m] and not comps[m][v].decided for m in comps)]
     last = k == len(suite.looks().counts) - 1
     if decided(suite, comps):
-        return True, f"round {k + 1}: every comparison decided after {count} seeds — stopping"
+        return True, f"round {k + 1}: every comparison decided after {count} seeds — stopping", []
     if last:
-        return True, f"round {k + 1}: {count} seeds (max) reached; still inconclusive: {', '.join(left)}"
+        return True, f"round {k + 1}: {count} seeds (max) reached; still inconclusive: {', '.join(left)}", left
     nxt = suite.looks().counts[k + 1]
-    return False, f"round {k + 1}: {len(left)} comparison(s) undecided after {count} seeds ({', '.join(left)}) — going on to {nxt}"
+    return (False, f"round {k + 1}: {len(left)} comparison(s) undecided after {count} seeds ({', '.join(left)}) "
+                   f"— going on to {nxt}", left)
+
+
+def still_needed(suite: Suite, undecided: list[str]) -> set[str]:
+    """The variants the next round runs when decided ones drop out: the undecided, the variants they are
+    compared with, and the sources/teachers whose trained weights they need (transitively)."""
+    from cnnbench.config import upstream_variants
+
+    need, todo = set(undecided), list(undecided)
+    while todo:
+        variant = todo.pop()
+        for other in [suite.reference(variant), *upstream_variants(suite, variant)]:
+            if other not in need:
+                need.add(other)
+                todo.append(other)
+    return need
 
 
 def create_parent(tracker: Tracker, exp_id: str, suite: Suite, env: dict, searching: bool,

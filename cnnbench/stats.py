@@ -16,7 +16,9 @@ intervals hold simultaneously) and α_k is the share of α spent at the current 
 has one look (α_k = α). Adaptive seeds (``seeds: {min, max}``) look after every round and spend α over
 the planned looks with the Lan–DeMets Pocock-type function α·ln(1 + (e − 1)·t); the union bound makes
 the intervals valid simultaneously over every look, so stopping when everything is decided (or at any
-other time) keeps the error rates ≤ α. Conservative, and valid under any stopping rule.
+other time) keeps the error rates ≤ α. Conservative, and valid under any stopping rule — also per
+comparison: a variant decided at a look can leave the later rounds (``seeds.drop_decided``), and its
+verdict is then read at the α of its own last look, the one that decided it.
 
 Metrics whose value is the same for every seed of a config (parameters, FLOPs, size: ``deterministic``
 in the metric catalogue) are facts, stated with their relative change, never tested. When every paired
@@ -275,7 +277,8 @@ def clip(r: Paired, bounds: tuple[float, float] | None) -> None:
 
 def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: float,
                 higher_is_better: bool | None, *, kind: str = "stochastic", margin: float | None = None,
-                relative_margin: bool = False, floor: float | None = None, level_alpha: float | None = None,
+                relative_margin: bool = False, floor: float | None = None,
+                level_alpha: float | dict[str, float] | None = None,
                 bounds: tuple[float, float] | None = None, detail: bool = True,
                 references: dict[str, str] | None = None, test: str = "t") -> dict[str, Paired]:
     """Every variant vs the baseline on one metric (vs ``references[variant]`` where one is given).
@@ -284,7 +287,8 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
     margin in the metric's units (``relative_margin``: as a fraction of the baseline's mean). ``floor``:
     for timing metrics, the relative A/A noise floor a difference must exceed (it is also the least
     equivalence margin); None for a timing metric means no floor was measured, and such a comparison
-    gets no better/worse verdict. ``level_alpha``: α spent at this look (default ``alpha``: one look).
+    gets no better/worse verdict. ``level_alpha``: α spent at this look (default ``alpha``: one look), or
+    variant → α spent at the look that variant reached (variants that left the later rounds once decided).
     ``detail``: also the Wilcoxon column, the detectable effect and the seeds needed (slower; a stopping
     decision does not need them). ``test``: ``t`` or ``sign`` (see the module docstring) for measured
     metrics; timing metrics keep the t-interval of their A/A protocol.
@@ -298,10 +302,10 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
     if kind == "deterministic":
         return {v: fact(per_variant[v], base(v)) for v in others}
     m = max(1, len(others))
-    spent = alpha if level_alpha is None else level_alpha
-    level = spent / m
     out = {}
     for v in others:
+        spent = level_alpha.get(v, alpha) if isinstance(level_alpha, dict) else level_alpha or alpha
+        level = spent / m
         r = paired(per_variant[v], base(v), level, wilcoxon=detail, test=test if kind == "stochastic" else "t")
         scale = abs(r.baseline_mean) if r.baseline_mean == r.baseline_mean else math.nan
         r.margin = (margin * scale if relative_margin else margin) if margin is not None else None

@@ -120,6 +120,30 @@ def test_adaptive_seeds_run_to_max_when_undecided_and_say_what_would_decide(cli,
     assert "looks at 2, 3 seeds" in plan.output and "twin:" in plan.output and "seeds to detect 1.00 pp" in plan.output
 
 
+@pytest.mark.parametrize("drop", [True, False])
+def test_decided_variants_leave_the_later_rounds_and_keep_their_looks_verdict(cli, workdir, drop):
+    """`frozen` is decided (worse) at the first look, `twin` never is: with seeds.drop_decided (the default)
+    round 2 runs only `twin` and the baseline it is compared with; `frozen` keeps the verdict of its look, read
+    at that look's α, and its unrun seed is not a missing run. With drop_decided: false every variant runs."""
+    text = DIGITS.replace("  other: {}", "  twin: {data: {eval_batch_size: 128}}\n  frozen: {optimizer: {name: sgd, lr: 1.0e-7}}") \
+        + f"seeds: {{min: 2, max: 3, per_round: 1, drop_decided: {str(drop).lower()}}}\nreport: {{margin: 1 pp}}\n"
+    result = cli("run", write_suite(workdir / "tiny.yaml", text))
+    assert result.exit_code == 0, result.output
+    seeds = {v: sorted(r.data.tags["cnnbench.seed"] for r in runs_of("tiny") if r.data.tags["cnnbench.variant"] == v)
+             for v in ("adam", "twin", "frozen")}
+    assert seeds["adam"] == seeds["twin"] == ["0", "1", "2"]
+    assert seeds["frozen"] == (["0", "1"] if drop else ["0", "1", "2"])
+    assert ("going on to 3 with adam, twin" in " ".join(result.output.split())) is drop  # rich wraps lines
+    md = (workdir / "reports" / "tiny.md").read_text()
+    assert "Worse: `frozen`" in md and "missing" not in md
+    if drop:
+        assert "2–3 seeds (adaptive: 2–3; decided variants left the later rounds)" in md
+        assert "not run in later rounds (`seeds.drop_decided`), and read at that look's α: `frozen` (n = 2)" in md
+        assert "| frozen " in md and "2/0/0/0" in md
+    else:
+        assert "| budget | 3 variants × 3 seeds (adaptive: 2–3) ×" in md and "drop_decided" not in md
+
+
 def test_validate_plans_from_a_pilot_when_nothing_is_recorded(cli, workdir):
     path = write_suite(workdir / "tiny.yaml", TINY_SUITE + "report: {margin: 0.5 pp}\n")
     empty = cli("validate", path)

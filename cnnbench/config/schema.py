@@ -356,6 +356,11 @@ class AdaptiveSeeds(Strict):
     min: int = Field(ge=2, description="seeds of the first round")
     max: int = Field(ge=2, description="seeds at most")
     per_round: PositiveInt | None = Field(None, description="seeds added per round (default: min)")
+    drop_decided: bool = Field(
+        True, description="later rounds run only the variants still undecided, with the references and "
+                          "sources/teachers those need: a decided comparison keeps the verdict of the look that "
+                          "decided it (each is its own sequential test). false: every variant runs every round, "
+                          "e.g. when secondary metrics should have every seed")
 
     @model_validator(mode="after")
     def _ordered(self) -> AdaptiveSeeds:

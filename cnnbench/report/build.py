@@ -113,8 +113,7 @@ def build_report(suite: Suite, tracker: Tracker, reports_dir: str | Path = "repo
         f"| dataset | {datasets} (batch {exp0.data.batch_size}, validation {exp0.data.val_fraction:.0%} of train"
         + (f", first {exp0.data.limit_train} training images" if exp0.data.limit_train else "") + ") |",
         f"| budget | {len(suite.variants)} variants × "
-        + (f"{seeds_run(runs)} seeds (adaptive: {suite.seeds.min}–{suite.seeds.max})" if suite.adaptive
-           else f"{len(suite.seed_list())} seeds")
+        + (_adaptive_budget(suite, runs) if suite.adaptive else f"{len(suite.seed_list())} seeds")
         + f" × {'/'.join(map(str, epochs))} epochs"
         f" = {len(runs)} runs, {total_train:.1f} s of training in all |",
         f"| baseline | `{suite.baseline}`: {exp0.model.name}, {exp0.optimizer.name} lr {exp0.optimizer.lr:g}, "
@@ -395,3 +394,13 @@ def write_index(reports_dir: str | Path) -> Path:
     index = reports_dir / "README.md"
     index.write_text("\n".join(lines))
     return index
+
+
+def _adaptive_budget(suite: Suite, runs: pd.DataFrame) -> str:
+    """"10 seeds (adaptive: 5–10)", or, where decided variants left the later rounds, "5–10 seeds (…)"."""
+    per_variant = [seeds_run(runs[runs["variant"] == v]) for v in suite.variants] if not runs.empty else []
+    low, high = min([n for n in per_variant if n] or [0]), max(per_variant or [0])
+    span = f"{high}" if low == high else f"{low}–{high}"
+    dropped = "; decided variants left the later rounds" if low != high and suite.seeds.drop_decided else ""
+    return f"{span} seeds (adaptive: {suite.seeds.min}–{suite.seeds.max}{dropped})"
+

@@ -186,9 +186,12 @@ def method_sentence(suite: Suite, results: dict) -> str:
     m = len(results)
     kind = ("Sign-test intervals of the median paired difference (order statistics, distribution-free)"
             if suite.report.test == "sign" else "Paired t-intervals")
+    early = [f"`{v}` (n = {r.n})" for v, r in results.items() if 0 < r.n < n]
+    dropped = (f" Decided at an earlier look, so not run in later rounds (`seeds.drop_decided`), and read at "
+               f"that look's α: {', '.join(early)}." if early and suite.adaptive and suite.seeds.drop_decided else "")
     return (f"{kind} over n = {n} seeds, simultaneous at {1 - suite.report.alpha:.0%} across "
             f"{n_of(m, 'variant')} (Bonferroni) — {looks.describe()}; a verdict is better/worse when its interval "
-            "excludes 0, equivalent when it lies inside ±margin, so interval and verdict always agree.")
+            "excludes 0, equivalent when it lies inside ±margin, so interval and verdict always agree." + dropped)
 
 
 def describe_runs(suite: Suite, runs: pd.DataFrame) -> str:

@@ -27,13 +27,11 @@ def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
     untuned = plan(suite)
     tuned = plan(suite, {v: e for v, e in suite.experiments.items()}) if suite.search is not None else untuned
     if suite.adaptive and not runs.empty:  # seeds of rounds that never started are not missing, just not run
-        seen = set(pd.to_numeric(runs.get("tags.cnnbench.seed"), errors="coerce").dropna().astype(int))
+        reached = _looks_reached(suite, runs)
         seeds = suite.seed_list()
-        last = max((seeds.index(s) for s in seen if s in seeds), default=-1)
-        looks = suite.looks()
-        n = looks.counts[looks.index(last + 1)]
-        untuned = [s for s in untuned if seeds.index(s.seed) < n]
-        tuned = [s for s in tuned if seeds.index(s.seed) < n]
+        keep = [seeds.index(s.seed) < reached.get(s.variant, reached[None]) for s in untuned]
+        untuned = [s for s, k in zip(untuned, keep) if k]
+        tuned = [s for s, k in zip(tuned, keep) if k]
     for spec, tuned_spec in zip(untuned, tuned):
         row = {"variant": spec.variant, "seed": spec.seed, "status": "missing", "run_id": None, "tuned": False}
         for key, is_tuned in ((tuned_spec.plan_key, suite.search is not None), (spec.plan_key, False)):
@@ -49,6 +47,26 @@ def select_runs(suite: Suite, frame: pd.DataFrame) -> pd.DataFrame:
             break
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _looks_reached(suite: Suite, runs: pd.DataFrame) -> dict[str | None, int]:
+    """Seed count of the look each variant's runs reached (key None: the suite's, for variants without runs).
+    With ``seeds.drop_decided`` a variant decided at an earlier look ran no later rounds: its own look is
+    where it ends; otherwise every variant is held to the look the suite reached."""
+    seeds, looks = suite.seed_list(), suite.looks()
+    seed = pd.to_numeric(runs.get("tags.cnnbench.seed"), errors="coerce")
+
+    def reached(mask) -> int:
+        last = max((seeds.index(int(x)) for x in seed[mask].dropna() if int(x) in seeds), default=-1)
+        return looks.counts[looks.index(last + 1)]
+
+    out: dict[str | None, int] = {None: reached(seed.notna())}
+    if suite.seeds.drop_decided and "tags.cnnbench.variant" in runs:
+        for variant in suite.variants:
+            mask = runs["tags.cnnbench.variant"] == variant
+            if mask.any():
+                out[variant] = reached(mask)
+    return out
 
 
 def tuning_frame(suite: Suite, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -106,7 +124,10 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None, me
     metrics = list(dict.fromkeys(metrics or [suite.report.primary, *suite.report.metrics]))
     # time to target is censored: compared through the Kaplan–Meier median, not as a paired mean
     metrics = [m for m in metrics if m not in CENSORED]
-    level_alpha = suite.looks().level(max(seeds_run(runs), 1))
+    looks = suite.looks()
+    level_alpha = looks.level(max(seeds_run(runs), 1))
+    if suite.adaptive and suite.seeds.drop_decided and not runs.empty:  # each at the α of the look it reached
+        level_alpha = {v: looks.level(max(seeds_run(runs[runs["variant"] == v]), 1)) for v in suite.variants}
     out = {}
     for m in metrics:
         row = metric(m)
