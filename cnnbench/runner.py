@@ -117,7 +117,7 @@ def run_suite(
                 events.info(side.record(tracker, exp_id, parent))
             if suite.adaptive:
                 stop, message, left = _round_verdict(suite, tracker, k, count)
-                if not stop and suite.seeds.drop_decided:
+                if not stop and suite.drops_decided:
                     active = still_needed(suite, left)
                     message += f" with {', '.join(v for v in suite.variants if v in active)}"
                 events.info(message)

@@ -138,10 +138,26 @@ def test_decided_variants_leave_the_later_rounds_and_keep_their_looks_verdict(cl
     assert "Worse: `frozen`" in md and "missing" not in md
     if drop:
         assert "2–3 seeds (adaptive: 2–3; decided variants left the later rounds)" in md
-        assert "not run in later rounds (`seeds.drop_decided`), and read at that look's α: `frozen` (n = 2)" in md
+        assert "not run in later rounds (`seeds.drop_decided`), and read at that look's α: `frozen` (2 seeds)." in md
         assert "| frozen " in md and "2/0/0/0" in md
     else:
         assert "| budget | 3 variants × 3 seeds (adaptive: 2–3) ×" in md and "drop_decided" not in md
+
+
+def test_only_variants_that_stopped_early_are_said_to_have_left_the_later_rounds(tmp_path):
+    """A variant whose n is short because a run diverged (`flaky`: 3 seeds run, 2 finished, undecided) is not one
+    that left the later rounds (`gone`: decided after 2 of 3 seeds)."""
+    from cnnbench import stats
+    from cnnbench.report.prose import method_sentence
+
+    suite = load_suite(write_suite(tmp_path / "s.yaml", DIGITS.replace("  other: {}", "  flaky: {}\n  gone: {}")
+                                   + "seeds: {min: 2, max: 3, per_round: 1}\n"))
+    base = {0: 0.90, 1: 0.91, 2: 0.92}
+    results = stats.compare_all({"adam": base, "other": base, "flaky": {0: 0.95, 1: 0.80}, "gone": {0: 0.1, 1: 0.1}},
+                                "adam", 0.05, True, margin=0.01)
+    assert results["gone"].decided and not results["flaky"].decided and results["flaky"].n == 2
+    text = method_sentence(suite, results, {"adam": 3, "other": 3, "flaky": 3, "gone": 2})
+    assert "`gone` (2 seeds)" in text and "flaky" not in text
 
 
 def test_validate_plans_from_a_pilot_when_nothing_is_recorded(cli, workdir):

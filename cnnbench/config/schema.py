@@ -478,6 +478,11 @@ class Suite(Strict):
     def adaptive(self) -> bool:
         return isinstance(self.seeds, AdaptiveSeeds)
 
+    @property
+    def drops_decided(self) -> bool:
+        """Adaptive, and variants decided at a look run no later rounds (``seeds.drop_decided``)."""
+        return self.adaptive and self.seeds.drop_decided
+
     def looks(self):
         """The seed counts at which verdicts are read, and α spent at each (``stats.Looks``)."""
         from cnnbench.stats import Looks

@@ -37,6 +37,7 @@ from cnnbench.report.prose import (
 from cnnbench.report.selection import (
     comparisons,
     primary_higher_is_better,
+    seeds_by_variant,
     seeds_run,
     select_runs,
     ttt_by_seed,
@@ -398,9 +399,9 @@ def write_index(reports_dir: str | Path) -> Path:
 
 def _adaptive_budget(suite: Suite, runs: pd.DataFrame) -> str:
     """"10 seeds (adaptive: 5–10)", or, where decided variants left the later rounds, "5–10 seeds (…)"."""
-    per_variant = [seeds_run(runs[runs["variant"] == v]) for v in suite.variants] if not runs.empty else []
+    per_variant = list(seeds_by_variant(suite, runs).values())
     low, high = min([n for n in per_variant if n] or [0]), max(per_variant or [0])
     span = f"{high}" if low == high else f"{low}–{high}"
-    dropped = "; decided variants left the later rounds" if low != high and suite.seeds.drop_decided else ""
+    dropped = "; decided variants left the later rounds" if low != high and suite.drops_decided else ""
     return f"{span} seeds (adaptive: {suite.seeds.min}–{suite.seeds.max}{dropped})"
 

@@ -11,7 +11,7 @@ import pandas as pd
 from cnnbench import stats, techniques
 from cnnbench.config import TUNING_SEED_BASE, Suite
 from cnnbench.metrics import metric
-from cnnbench.report.selection import per_seed
+from cnnbench.report.selection import per_seed, seeds_by_variant
 from cnnbench.report.tables import (
     bound,
     delta_ci,
@@ -72,7 +72,7 @@ def answer(suite: Suite, runs: pd.DataFrame, comps: dict, timing=None) -> str:
     for variant, sub in problems.groupby("variant", sort=False):
         total = int((runs["variant"] == variant).sum())
         text += f"`{variant}`: {', '.join(f'{c} {s}' for s, c in sub['status'].value_counts().items())} of {total} seeds. "
-    return text + "(" + method_sentence(suite, results) + ")"
+    return text + "(" + method_sentence(suite, results, seeds_by_variant(suite, runs)) + ")"
 
 
 CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -180,15 +180,18 @@ def speed_sentence(suite: Suite, runs: pd.DataFrame, comps: dict, timing) -> str
     return text
 
 
-def method_sentence(suite: Suite, results: dict) -> str:
+def method_sentence(suite: Suite, results: dict, seeds: dict[str, int]) -> str:
+    """How the intervals were read; ``seeds``: seeds run per variant, which tells a variant that left the later
+    rounds once decided from one whose n is short because runs diverged or failed."""
     n = max((r.n for r in results.values()), default=0)
     looks = suite.looks()
     m = len(results)
     kind = ("Sign-test intervals of the median paired difference (order statistics, distribution-free)"
             if suite.report.test == "sign" else "Paired t-intervals")
-    early = [f"`{v}` (n = {r.n})" for v, r in results.items() if 0 < r.n < n]
+    reached = max(seeds.values(), default=0)
+    early = [f"`{v}` ({seeds[v]} seeds)" for v, r in results.items() if r.decided and 0 < seeds.get(v, 0) < reached]
     dropped = (f" Decided at an earlier look, so not run in later rounds (`seeds.drop_decided`), and read at "
-               f"that look's α: {', '.join(early)}." if early and suite.adaptive and suite.seeds.drop_decided else "")
+               f"that look's α: {', '.join(early)}." if early and suite.drops_decided else "")
     return (f"{kind} over n = {n} seeds, simultaneous at {1 - suite.report.alpha:.0%} across "
             f"{n_of(m, 'variant')} (Bonferroni) — {looks.describe()}; a verdict is better/worse when its interval "
             "excludes 0, equivalent when it lies inside ±margin, so interval and verdict always agree." + dropped)

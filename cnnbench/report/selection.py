@@ -61,7 +61,7 @@ def _looks_reached(suite: Suite, runs: pd.DataFrame) -> dict[str | None, int]:
         return looks.counts[looks.index(last + 1)]
 
     out: dict[str | None, int] = {None: reached(seed.notna())}
-    if suite.seeds.drop_decided and "tags.cnnbench.variant" in runs:
+    if suite.drops_decided and "tags.cnnbench.variant" in runs:
         for variant in suite.variants:
             mask = runs["tags.cnnbench.variant"] == variant
             if mask.any():
@@ -112,6 +112,12 @@ def seeds_run(runs: pd.DataFrame) -> int:
     return int(runs.loc[runs["status"] != "missing", "seed"].nunique()) if not runs.empty else 0
 
 
+def seeds_by_variant(suite: Suite, runs: pd.DataFrame) -> dict[str, int]:
+    """How many seeds each variant has runs for, whatever their status: with ``seeds.drop_decided``, the look
+    it reached (a diverged or failed seed still counts as run)."""
+    return {v: seeds_run(runs[runs["variant"] == v]) if not runs.empty else 0 for v in suite.variants}
+
+
 def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None, metrics: list[str] | None = None,
                 detail: bool = True) -> dict[str, dict[str, stats.Paired]]:
     """metric → variant → paired comparison with the baseline (or the variant's ``report.against``
@@ -126,8 +132,8 @@ def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None, me
     metrics = [m for m in metrics if m not in CENSORED]
     looks = suite.looks()
     level_alpha = looks.level(max(seeds_run(runs), 1))
-    if suite.adaptive and suite.seeds.drop_decided and not runs.empty:  # each at the α of the look it reached
-        level_alpha = {v: looks.level(max(seeds_run(runs[runs["variant"] == v]), 1)) for v in suite.variants}
+    if suite.drops_decided and not runs.empty:  # each at the α of the look it reached
+        level_alpha = {v: looks.level(max(n, 1)) for v, n in seeds_by_variant(suite, runs).items()}
     out = {}
     for m in metrics:
         row = metric(m)
