@@ -139,6 +139,22 @@ def seeds_needed(effect: float, sd: float, level: float, target_power: float = P
     return lo
 
 
+def seeds_to_decide(delta: float, sd: float, level: float, margin: float | None) -> int | None:
+    """The fewest seeds whose interval at ``level`` would decide a comparison if its mean difference and spread
+    stayed at ``delta`` and ``sd``: narrower than |Δ| (it excludes 0) or than margin − |Δ| (it lies inside
+    ±margin), whichever comes first. A point plan (about even odds), for a comparison that had the power for
+    the margin but whose Δ sits close to it (None: more than ``MAX_PLANNED_SEEDS``)."""
+    from scipy import stats
+
+    half = max(abs(delta), (margin or 0.0) - abs(delta))
+    if not (half > 0 and sd > 0 and math.isfinite(half) and math.isfinite(sd)):
+        return None
+    for n in range(2, MAX_PLANNED_SEEDS + 1):
+        if stats.t.ppf(1 - level / 2, n - 1) * sd / math.sqrt(n) < half:
+            return n
+    return None
+
+
 def sign_flip_seeds(level: float) -> int:
     """Seeds whose differences, all of one sign, reach ``level`` in the exact sign-flip test: 2^(1−n) < level."""
     return max(2, math.floor(1 - math.log2(level)) + 1)
@@ -176,6 +192,7 @@ class Paired:
     mde: float = math.nan  # minimum detectable effect at n, 80% power, at ``level``
     seeds_for: float = math.nan  # the effect the planning is for (the margin, else the observed |Δ|)
     seeds_needed: int | None = None  # seeds for a fixed-seed run to detect ``seeds_for``
+    seeds_to_decide: int | None = None  # when ``seeds_needed`` ≤ n: seeds to decide at this Δ and spread
     above: int = 0  # paired differences above 0 and below it (the sign test's counts)
     below: int = 0
     notes: list[str] = field(default_factory=list)
@@ -332,6 +349,8 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
             r.mde = detectable(r.sd, r.n, level)
             r.seeds_for = r.margin if r.margin else abs(r.delta)
             r.seeds_needed = seeds_needed(r.seeds_for, r.sd, alpha / m)
+            if r.verdict == "inconclusive" and r.seeds_needed is not None and r.seeds_needed <= r.n:
+                r.seeds_to_decide = seeds_to_decide(r.delta, r.sd, alpha / m, r.margin)
         out[v] = r
     return out
 

@@ -284,3 +284,37 @@ def test_the_stopping_decision_reads_the_same_verdicts_as_the_report_without_its
         assert all(math.isnan(r.mde) and math.isnan(r.p_wilcoxon) for r in quick[m].values())
     assert {v: r.verdict for v, r in full["test_accuracy"].items()} == {"up": "better", "same": "equivalent",
                                                                           "noisy": "inconclusive"}
+
+
+def _with(mean: float, sd: float, n: int, base: float = 0.9) -> tuple[dict, dict]:
+    """Variant and baseline over ``n`` seeds whose paired differences have exactly this mean and sd."""
+    import numpy as np
+
+    z = np.random.default_rng(0).standard_normal(n)
+    z = (z - z.mean()) / z.std(ddof=1)
+    return {s: base + mean + sd * z[s] for s in range(n)}, dict.fromkeys(range(n), base)
+
+
+def test_an_inconclusive_comparison_that_had_the_power_says_how_many_seeds_would_decide_it():
+    """Session 16's schedulers report said "about 20 seeds would detect 0.30 pp" after 24 seeds: the plan was for a
+    difference from 0, while the comparison stayed open because its Δ sat between 0 and the margin. It now says
+    so, and how many seeds would decide it at that Δ and spread — which the verdict rule confirms."""
+    from cnnbench import stats
+    from cnnbench.metrics import metric
+    from cnnbench.report.prose import could_detect
+
+    margin, sd, n = 0.003, 0.0048, 24
+    variant, base = _with(0.5 * margin, sd, n)
+    r = stats.compare_all({"b": base, "v": variant}, "b", 0.05, True, margin=margin)["v"]
+    assert r.verdict == "inconclusive" and r.seeds_needed <= n < r.seeds_to_decide
+    text = could_detect(r, metric("test_accuracy"))
+    assert f"{n} seeds give 80% power to detect 0.30 pp, but at this Δ the interval still crosses 0 and ±0.30 pp" in text
+    assert f"about {r.seeds_to_decide} seeds would decide it if Δ and the spread stayed as they are" in text
+    assert "seeds would detect" not in text
+    for k, decided in ((r.seeds_to_decide - 1, False), (r.seeds_to_decide, True)):
+        v, b = _with(0.5 * margin, sd, k)
+        assert stats.compare_all({"b": b, "v": v}, "b", 0.05, True, margin=margin)["v"].decided is decided
+    few = stats.compare_all({"b": dict(list(base.items())[:6]), "v": dict(list(variant.items())[:6])}, "b", 0.05, True,
+                            margin=margin)["v"]  # short of power: the plan for the margin, as before
+    assert few.seeds_needed > 6 and few.seeds_to_decide is None
+    assert f"about {few.seeds_needed} seeds would detect 0.30 pp" in could_detect(few, metric("test_accuracy"))
