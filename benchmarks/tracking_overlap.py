@@ -10,9 +10,11 @@ median round wall time against ``none``.
 
 Measured 2026-12-04 on the H200 machine's Intel Xeon (AVX-512), pinned to 2 cores (taskset -c 0,1,
 OMP_NUM_THREADS=2), torch 2.11, 7 rounds: sync +7.3% (pairwise +5.5%), thread +8.7% (+5.0%), process +13.7%
-(+14.2%). Neither background mode hides anything: on 2 cores the second core is not idle while LeNet-5 trains
-(torch uses both), a thread contends for the GIL, and a process adds its own work. So cnnbench keeps writing
-synchronously, which also keeps a finished run recorded before the next one starts.
+(+14.2%). On a 2-core AMD EPYC (AVX-512, torch 2.14.1), 7 rounds, runs of ~0.35 s: sync +15.7% (pairwise
++15.7%), thread +14.7% (+17.7%), process +10.6% (+23.5%). Neither background mode reliably hides anything:
+on 2 cores the second core is not idle while LeNet-5 trains (torch uses both), a thread contends for the GIL,
+and a process adds its own work. So cnnbench keeps writing synchronously, which also keeps a finished run
+recorded before the next one starts.
 """
 
 from __future__ import annotations
