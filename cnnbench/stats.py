@@ -142,8 +142,9 @@ def seeds_needed(effect: float, sd: float, level: float, target_power: float = P
 def seeds_to_decide(delta: float, sd: float, level: float, margin: float | None) -> int | None:
     """The fewest seeds whose interval at ``level`` would decide a comparison if its mean difference and spread
     stayed at ``delta`` and ``sd``: narrower than |Δ| (it excludes 0) or than margin − |Δ| (it lies inside
-    ±margin), whichever comes first. A point plan (about even odds), for a comparison that had the power for
-    the margin but whose Δ sits close to it (None: more than ``MAX_PLANNED_SEEDS``)."""
+    ±margin), whichever comes first. A point plan (about even odds), for a comparison whose seeds a fixed-seed
+    plan for the margin calls enough, but whose Δ sits between 0 and the margin (None: more than
+    ``MAX_PLANNED_SEEDS``)."""
     from scipy import stats
 
     half = max(abs(delta), (margin or 0.0) - abs(delta))
@@ -350,7 +351,7 @@ def compare_all(per_variant: dict[str, dict[int, float]], baseline: str, alpha: 
             r.seeds_for = r.margin if r.margin else abs(r.delta)
             r.seeds_needed = seeds_needed(r.seeds_for, r.sd, alpha / m)
             if r.verdict == "inconclusive" and r.seeds_needed is not None and r.seeds_needed <= r.n:
-                r.seeds_to_decide = seeds_to_decide(r.delta, r.sd, alpha / m, r.margin)
+                r.seeds_to_decide = seeds_to_decide(r.delta, r.sd, level, r.margin)  # at the level of its interval
         out[v] = r
     return out
 

@@ -152,10 +152,9 @@ def could_detect(r: stats.Paired, fmt) -> str:
         text = f"at these seeds no difference {fmt.label} can show is detectable"
     else:
         text = f"this suite can detect ≥ {magnitude(r.mde, fmt)}"
-    if r.seeds_needed and r.seeds_needed <= r.n:  # it had the power: this Δ is too close to 0 and the margin
+    if r.seeds_needed and r.seeds_needed <= r.n:  # a fixed-seed plan calls n enough: Δ sits between 0 and the margin
         crosses = "0" + (f" and ±{magnitude(r.margin, fmt)}" if r.margin else "")
-        text += (f"; {r.n} seeds give 80% power to detect {magnitude(r.seeds_for, fmt)}, but at this Δ the interval "
-                 f"still crosses {crosses}: "
+        text += (f"; at this Δ its interval still crosses {crosses}: "
                  + (f"about {r.seeds_to_decide} seeds would decide it if Δ and the spread stayed as they are"
                     if r.seeds_to_decide else f"more than {stats.MAX_PLANNED_SEEDS} seeds would be needed to decide it"))
     elif r.seeds_needed:
