@@ -42,7 +42,7 @@ def remember(secret: str | None) -> None:
         _remembered.update({secret, unquote(secret)})
 
 
-def _known() -> set[str]:
+def known_secrets() -> set[str]:
     """Secrets this process holds: remembered ones, the MLflow credentials, and secret-named environment values."""
     known = set(_remembered)
     for name, value in os.environ.items():
@@ -54,7 +54,7 @@ def _known() -> set[str]:
 
 def _mlflow_credentials() -> set[str]:
     """The password MLflow's client sends from ``~/.mlflow/credentials`` (its environment variables are
-    secret-named, so :func:`_known` has them already)."""
+    secret-named, so :func:`known_secrets` has them already)."""
     path = Path(os.path.expanduser("~/.mlflow/credentials"))  # where mlflow.utils.credentials reads it
     try:
         return _credentials_file(str(path), path.stat().st_mtime_ns)
@@ -83,26 +83,32 @@ def _mask_param(match: re.Match) -> str:
     return f"{match['head']}{MASK}"
 
 
-def text(s: str) -> str:
-    """``s`` with every secret masked as ``***``: URL passwords, secret query parameters, known secrets."""
+def text(s: str, known: set[str] | None = None) -> str:
+    """``s`` with every secret masked as ``***``: URL passwords, secret query parameters, known secrets
+    (``known``: :func:`known_secrets`'s set, where the caller masks many strings at once — it costs ~0.2 ms to build)."""
     if not s:
         return s
     s = _URL_PASSWORD.sub(_mask_url, s)
     s = _SECRET_PARAM.sub(_mask_param, s)
-    for secret in sorted(_known(), key=len, reverse=True):  # longest first: one secret may contain another
+    if known is None or _remembered - known:  # a password just seen in ``s`` counts too
+        known = known_secrets()
+    for secret in sorted(known, key=len, reverse=True):  # longest first: one secret may contain another
         if secret in s:
             s = s.replace(secret, MASK)
     return s
 
 
-def value(obj):
-    """``obj`` with :func:`text` applied to every string in it (dicts, lists and tuples walked)."""
+def value(obj, known: set[str] | None = None):
+    """``obj`` with :func:`text` applied to every string in it (dicts, lists and tuples walked); the known
+    secrets are looked up once for the whole of ``obj`` (a run's 60-odd params and tags)."""
+    if known is None:
+        known = known_secrets()
     if isinstance(obj, str):
-        return text(obj)
+        return text(obj, known)
     if isinstance(obj, dict):
-        return {value(k): value(v) for k, v in obj.items()}
+        return {value(k, known): value(v, known) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(value(v) for v in obj)
+        return type(obj)(value(v, known) for v in obj)
     return obj
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import socket
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable
@@ -66,6 +67,37 @@ def absolute_uri(uri: str) -> str:
     keep pointing at the first directory it was opened from."""
     path = sqlite_path(uri)
     return uri if path is None else f"sqlite:///{path}"
+
+
+_WAL_STORES: set[str] = set()  # SQLite tracking stores this process writes in WAL mode
+
+
+def _wal_on_connect(dbapi_connection, _record) -> None:
+    """SQLAlchemy ``connect`` hook: a connection to one of ``_WAL_STORES`` switches it to write-ahead logging
+    with ``synchronous=NORMAL``. In SQLite's default rollback mode each of MLflow's commits creates, syncs
+    and deletes a journal file — about 5 a run, 40% of a run's MLflow time (benchmarks/tracking_floor.py).
+    A commit in WAL mode is safe when the process dies (the log is on disk before the commit returns);
+    only a power cut may lose the last ones, never the database. The mode stays with the file, so
+    ``cnnbench ui`` and any later reader open it in WAL too (not for a file on NFS: SQLite's WAL needs
+    shared memory on one host)."""
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    files = {row[2] for row in dbapi_connection.execute("PRAGMA database_list") if row[1] == "main"}
+    if files & _WAL_STORES:
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def _write_ahead(uri: str) -> None:
+    """Open the SQLite store at ``uri`` in WAL mode from now on (see :func:`_wal_on_connect`); others: no-op."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if (path := sqlite_path(uri)) is None:
+        return
+    _WAL_STORES.add(str(path))
+    if not event.contains(Engine, "connect", _wal_on_connect):
+        event.listen(Engine, "connect", _wal_on_connect)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -205,6 +237,7 @@ class Tracker:
         self._uri = uri  # as the user gave it, credentials included: only for connecting
         self.uri = redact.text(uri)  # what is shown (messages, reports): credentials masked
         self.seconds = 0.0  # time spent inside MLflow calls
+        self._artifact_uris: dict[str, str] = {}  # run id → artifact URI, for the runs this process started
         t0 = time.perf_counter()
         # MLflow prints "View run … at <tracking URI>" as runs end: cnnbench shows its own pointer to the UI
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -216,6 +249,8 @@ class Tracker:
 
         if uri.startswith(("http://", "https://")):
             _check_server(uri, self.uri)  # MLflow's own client retries for minutes before giving up
+        _write_ahead(uri)
+
         def open_store():
             client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here
             client.search_experiments(max_results=1)  # opens the store; fails fast if unreachable
@@ -274,6 +309,7 @@ class Tracker:
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self._timed(self.client.create_run, experiment_id, tags=tags, run_name=name)
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         return run.info.run_id
 
     def log(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
@@ -292,8 +328,9 @@ class Tracker:
         secrets in param and tag values are masked."""
         from mlflow.entities import Param, RunTag
 
-        params = [Param(p.key, redact.text(p.value)) for p in params]
-        tags = [RunTag(t.key, redact.text(t.value)) for t in tags]
+        values = redact.value([x.value for x in (*params, *tags)])  # one lookup of the secrets for the batch
+        params = [Param(p.key, v) for p, v in zip(params, values)]
+        tags = [RunTag(t.key, v) for t, v in zip(tags, values[len(params):])]
         keyed = [("param", x) for x in params] + [("tag", x) for x in tags]
         calls = max(math.ceil(len(metrics) / 900), math.ceil(len(keyed) / 100), 1)
         for i in range(calls):
@@ -309,17 +346,23 @@ class Tracker:
     def log_artifacts(self, run_id: str, files: dict[str, str | bytes | dict | list]) -> None:
         """Write ``{relative name: content}`` to a temp dir and upload it in one call (JSON for dicts/lists);
         secrets in text are masked (bytes — plots, weights — go as they are)."""
+        known = redact.known_secrets()
         with tempfile.TemporaryDirectory() as tmp:
             for name, content in files.items():
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if isinstance(content, (dict, list)):
-                    path.write_text(json.dumps(redact.value(content), indent=2, sort_keys=True))
+                    path.write_text(json.dumps(redact.value(content, known), indent=2, sort_keys=True))
                 elif isinstance(content, bytes):
                     path.write_bytes(content)
                 else:
-                    path.write_text(redact.text(content))
-            self._timed(self.client.log_artifacts, run_id, tmp)
+                    path.write_text(redact.text(content, known))
+            if (uri := self._artifact_uris.get(run_id)) is None:  # a run this process did not start
+                self._timed(self.client.log_artifacts, run_id, tmp)
+            else:  # MLflow's client would read the whole run back (~10 ms on SQLite) to find where its files go
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+                self._timed(lambda: get_artifact_repository(uri, tracking_uri=absolute_uri(self._uri)).log_artifacts(tmp))
 
     def publish_report(self, experiment_id: str, run_id: str | None, description: str, files: dict[str, bytes]) -> None:
         """The rendered report beside the runs: the experiment's description (:func:`experiment_note`) and
@@ -358,6 +401,7 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """``status``: FINISHED, FAILED or KILLED."""
         self._timed(self.client.set_terminated, run_id, status)
+        self._artifact_uris.pop(run_id, None)
 
     # ── queries ─────────────────────────────────────────────────────────────
 

@@ -200,3 +200,31 @@ def test_a_suite_that_crashes_ends_its_parent_failed_with_its_wall_time(tmp_path
     [parent] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [tracker.experiment_id(suite.name)], f"tags.`cnnbench.role` = '{ROLE_SUITE}'")
     assert parent.info.status == "FAILED" and parent.data.metrics["suite_wall_s"] > 0
+
+
+def test_what_a_run_recorded_before_its_process_was_killed_is_in_the_store(tmp_path):
+    """cnnbench writes its SQLite store ahead (WAL, synchronous=NORMAL: tracking._wal_on_connect). SIGKILL right
+    after a run ends leaves that run only in the write-ahead log, and the next reader finds all of it there."""
+    import sqlite3
+
+    script = f"""
+import os, signal
+from cnnbench.tracking import Tracker
+tracker = Tracker("sqlite:///{tmp_path}/mlflow.db")
+run = tracker.start_run(tracker.experiment_id("killed"), "last/seed0", {{"cnnbench.role": "run"}})
+tracker.log(run, metrics={{"test_accuracy": 0.97}}, params={{"lr": 0.1}}, tags={{"cnnbench.status": "finished"}})
+tracker.log_artifacts(run, {{"config.yaml": "lr: 0.1"}})
+tracker.end_run(run)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / "mlflow.db-wal").stat().st_size > 0  # never checkpointed: the run is in the log
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert (run.data.metrics, run.data.params) == ({"test_accuracy": 0.97}, {"lr": "0.1"})
+    assert run.data.tags["cnnbench.status"] == "finished"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
