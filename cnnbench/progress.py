@@ -37,6 +37,9 @@ class RichEvents(Events):
             self.console.print(f"{reused} of {len(specs)} runs already finished with the same config: reused (--rerun to redo)")
         self.suite_task = self.progress.add_task(f"[bold]{suite.name}", total=todo)
 
+    def round_start(self, planned: int) -> None:
+        self.progress.update(self.suite_task, total=planned)  # the bar ends full when a suite stops early
+
     def run_start(self, spec: RunSpec, index: int, total: int) -> None:
         self.epochs = spec.experiment.train.epochs
         self.epochs_done = 0

@@ -104,9 +104,12 @@ def run_suite(
         index = first = 0
         active = set(suite.variants)  # seeds.drop_decided: later rounds run only what undecided comparisons need
         for k, count in enumerate(counts):  # one round for a fixed seed list; adaptive: until decided
-            for spec in [s for s in todo if first <= seeds.index(s.seed) < count and s.variant in active]:
+            round_specs = [s for s in todo if first <= seeds.index(s.seed) < count and s.variant in active]
+            planned = index + len(round_specs)
+            events.round_start(planned)
+            for spec in round_specs:
                 raise_if_interrupted()
-                events.run_start(spec, index, len(todo))
+                events.run_start(spec, index, planned)
                 index += 1
                 status, metrics, message = run_one(spec, tracker, exp_id, parent, env, data_dir, device, events,
                                                    upstream, store, side=side, abandoned=abandoned)

@@ -144,6 +144,32 @@ def test_decided_variants_leave_the_later_rounds_and_keep_their_looks_verdict(cl
         assert "| budget | 3 variants × 3 seeds (adaptive: 2–3) ×" in md and "drop_decided" not in md
 
 
+def test_the_progress_total_grows_a_round_at_a_time_and_ends_at_the_runs_done(tmp_path):
+    """Adaptive seeds plan one round at a time: the suite's progress total is the runs up to the end of the
+    round under way (6, then 2 more for the undecided `twin` and its baseline), not every seed up to max (9)."""
+    from cnnbench.events import Events
+    from cnnbench.runner import run_suite
+    from cnnbench.tracking import Tracker
+
+    class Recorded(Events):
+        def __init__(self):
+            self.planned, self.started = [], 0
+
+        def round_start(self, planned):
+            self.planned.append(planned)
+
+        def run_start(self, spec, index, total):
+            self.started += 1
+            assert index < total == self.planned[-1]
+
+    text = DIGITS.replace("  other: {}", "  twin: {data: {eval_batch_size: 128}}\n  frozen: {optimizer: {name: sgd, lr: 1.0e-7}}") \
+        + "seeds: {min: 2, max: 3, per_round: 1}\nreport: {margin: 1 pp}\n"
+    events = Recorded()
+    outcome = run_suite(load_suite(write_suite(tmp_path / "tiny.yaml", text)), Tracker(f"sqlite:///{tmp_path}/m.db"),
+                        events=events)
+    assert events.planned == [6, 8] and events.started == 8 == outcome.counts["finished"]
+
+
 def test_only_variants_that_stopped_early_are_said_to_have_left_the_later_rounds(tmp_path):
     """A variant whose n is short because a run diverged (`flaky`: 3 seeds run, 2 finished, undecided) is not one
     that left the later rounds (`gone`: decided after 2 of 3 seeds)."""
