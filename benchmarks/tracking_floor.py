@@ -38,11 +38,11 @@ def open_store(path: Path, wal: bool) -> Tracker:
     """A fresh store; ``wal=False`` opens it as cnnbench did before (SQLite's default rollback journal)."""
     if wal:
         return Tracker(f"sqlite:///{path}")
-    write_ahead, tracking._write_ahead = tracking._write_ahead, lambda uri: None
+    write_ahead, tracking.write_ahead = tracking.write_ahead, lambda uri: None
     try:
         return Tracker(f"sqlite:///{path}")
     finally:
-        tracking._write_ahead = write_ahead
+        tracking.write_ahead = write_ahead
 
 
 def one_run(tracker: Tracker, exp_id: str, parent: str, i: int, calls: dict[str, float]) -> float:

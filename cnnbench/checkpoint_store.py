@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from cnnbench.checkpoints import CheckpointError, TrainingCheckpoint
-from cnnbench.tracking import Tracker, sqlite_path
+from cnnbench.sqlite_store import sqlite_path
+from cnnbench.tracking import Tracker
 
 # A run saves its state after an epoch once this many seconds have passed since its start or last save:
 # a killed run redoes at most that much (plus an epoch); a run shorter than this (the quickstart's take

@@ -179,7 +179,8 @@ def _run(suite, overrides, tracking_uri, data_dir, reports_dir, rerun, device, q
         preload_data(spec, data_dir)
     except DataNotFoundError as e:
         _fail(str(e))
-    from cnnbench.tracking import StoreBusy, TrackingLost, TrackingRefused, exclusive_sqlite, resolve_uri
+    from cnnbench.sqlite_store import StoreBusy, exclusive_sqlite
+    from cnnbench.tracking import TrackingLost, TrackingRefused, resolve_uri
 
     store_lock = contextlib.ExitStack()  # released when the runs are done (or at exit, on any error)
     try:  # before the store is opened: two processes must not both create a fresh SQLite store
@@ -287,7 +288,8 @@ def validate(suite, overrides, tracking_uri, pilot, data_dir):
     of paired differences already recorded in the tracking store, or from a pilot run (--pilot N)."""
     spec = _load(suite, overrides)
     from cnnbench.plan_summary import describe_plan
-    from cnnbench.tracking import exclusive_sqlite, resolve_uri, sqlite_path
+    from cnnbench.sqlite_store import exclusive_sqlite, sqlite_path
+    from cnnbench.tracking import resolve_uri
 
     click.echo(describe_plan(spec))
     uri = resolve_uri(tracking_uri)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnbench import redact
-from cnnbench.tracking import open_racing_schema, sqlite_path
+from cnnbench.sqlite_store import sqlite_path
+from cnnbench.tracking import open_racing_schema
 
 JOURNAL_NAME = "optuna.journal"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from cnnbench.augment import AUGMENTATIONS
 from cnnbench.data import DATASETS
-from cnnbench.models import ACTIVATIONS, MODELS, NORMS, POOLS
+from cnnbench.layers import ACTIVATIONS, NORMS, POOLS
+from cnnbench.models import MODELS
 from cnnbench.optim import OPTIMIZERS, SCHEDULES
 from cnnbench.registry import Registry
 

@@ -9,14 +9,12 @@ for resume and for reports. Every call is timed so a suite can report its tracki
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import random
 import socket
-import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable
@@ -26,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from cnnbench import redact
+from cnnbench.sqlite_store import absolute_uri, write_ahead
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 10.0
@@ -51,53 +50,6 @@ def worker_id() -> str:
 def resolve_uri(cli_uri: str | None = None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default ``sqlite:///mlflow.db``."""
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The absolute database file of a ``sqlite:///`` URI (None for other stores and in-memory ones):
-    the one parser of SQLite URIs, for the store itself, its lock, the Optuna journal and checkpoints."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or ":memory:" in uri:
-        return None
-    return Path(uri[len(prefix):]).resolve()
-
-
-def absolute_uri(uri: str) -> str:
-    """A relative SQLite path made absolute: MLflow caches stores per URI string, so a relative one would
-    keep pointing at the first directory it was opened from."""
-    path = sqlite_path(uri)
-    return uri if path is None else f"sqlite:///{path}"
-
-
-_WAL_STORES: set[str] = set()  # SQLite tracking stores this process writes in WAL mode
-
-
-def _wal_on_connect(dbapi_connection, _record) -> None:
-    """SQLAlchemy ``connect`` hook: a connection to one of ``_WAL_STORES`` switches it to write-ahead logging
-    with ``synchronous=NORMAL``. In SQLite's default rollback mode each of MLflow's commits creates, syncs
-    and deletes a journal file — about 5 a run, 40% of a run's MLflow time (benchmarks/tracking_floor.py).
-    A commit in WAL mode is safe when the process dies (the log is on disk before the commit returns);
-    only a power cut may lose the last ones, never the database. The mode stays with the file, so
-    ``cnnbench ui`` and any later reader open it in WAL too (not for a file on NFS: SQLite's WAL needs
-    shared memory on one host)."""
-    if not isinstance(dbapi_connection, sqlite3.Connection):
-        return
-    files = {row[2] for row in dbapi_connection.execute("PRAGMA database_list") if row[1] == "main"}
-    if files & _WAL_STORES:
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-
-
-def _write_ahead(uri: str) -> None:
-    """Open the SQLite store at ``uri`` in WAL mode from now on (see :func:`_wal_on_connect`); others: no-op."""
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    if (path := sqlite_path(uri)) is None:
-        return
-    _WAL_STORES.add(str(path))
-    if not event.contains(Engine, "connect", _wal_on_connect):
-        event.listen(Engine, "connect", _wal_on_connect)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -148,45 +100,6 @@ def open_racing_schema(open_store, attempts: int = 6):
             if attempt == attempts - 1 or not _caused_by(e, (IntegrityError, ProgrammingError)):
                 raise
             time.sleep(0.2 + random.random())
-
-
-class StoreBusy(RuntimeError):
-    """Another ``cnnbench run`` holds the SQLite store."""
-
-
-@contextlib.contextmanager
-def exclusive_sqlite(uri: str):
-    """Hold ``<db>.lock`` beside a SQLite store while a suite runs, so a second ``cnnbench run`` on
-    the same store is refused with a clear message rather than racing the first (SQLite allows one
-    writer; MLflow and Optuna retry on "database is locked" only so long). Other stores: no-op."""
-    import fcntl
-
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    lock = Path(f"{path}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise StoreBusy(
-                f"another cnnbench run ({holder}) is writing to {uri}; wait for it to finish, give this run its own "
-                f"store (--tracking-uri sqlite:///other.db), or run several workers against PostgreSQL and an MLflow "
-                f"server (README: Scale out)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _check_server(uri: str, shown: str, timeout_s: float = 5.0) -> None:
@@ -249,7 +162,7 @@ class Tracker:
 
         if uri.startswith(("http://", "https://")):
             _check_server(uri, self.uri)  # MLflow's own client retries for minutes before giving up
-        _write_ahead(uri)
+        write_ahead(uri)
 
         def open_store():
             client = MlflowClient(tracking_uri=absolute_uri(uri))  # a database store creates its tables here

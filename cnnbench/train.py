@@ -32,8 +32,9 @@ from cnnbench.checkpoints import TrainingCheckpoint, load_training_state, save_t
 from cnnbench.config import Experiment
 from cnnbench.data import Split
 from cnnbench.evaluation import batches, evaluate, index_device, normalizer, test_metrics
+from cnnbench.layers import set_training_progress
 from cnnbench.measure import flops_per_sample, matmul_peak_flops
-from cnnbench.models import build, count_params, set_training_progress
+from cnnbench.models import build, count_params
 from cnnbench.optim import build_optimizer, build_scheduler
 from cnnbench.techniques import compile as compiling
 from cnnbench.techniques import precision as amp

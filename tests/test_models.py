@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from cnnbench.config import Experiment
-from cnnbench.models import CBAM, MODELS, build, count_params
+from cnnbench.layers import CBAM
+from cnnbench.models import MODELS, build, count_params
 
 
 def make(name, **kw):

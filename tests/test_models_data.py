@@ -7,7 +7,8 @@ from cnnbench import data as datamod
 from cnnbench.augment import AUGMENTATIONS, BatchAugment
 from cnnbench.config import DataConfig, Experiment
 from cnnbench.data import DATASETS, DataNotFoundError
-from cnnbench.models import ACTIVATIONS, MODELS, NORMS, POOLS, MixedPool2d, StochasticPool2d, build, count_params
+from cnnbench.layers import ACTIVATIONS, NORMS, POOLS, MixedPool2d, StochasticPool2d
+from cnnbench.models import MODELS, build, count_params
 from cnnbench.train import train
 
 # Datasets that need no files: every registered model must train on each.
@@ -106,7 +107,7 @@ def test_pool_names_are_checked_and_models_without_pooling_refuse_the_knob():
 
 
 def test_dropblock_rate_rises_linearly_over_training_and_is_off_at_evaluation():
-    from cnnbench.models import ScheduledDropBlock2d
+    from cnnbench.layers import ScheduledDropBlock2d
 
     exp = Experiment.model_validate({
         "data": {"dataset": "synthetic", "batch_size": 64, "synthetic": {"train_size": 128, "test_size": 64, "image_size": 28}},

@@ -203,7 +203,7 @@ def test_a_suite_that_crashes_ends_its_parent_failed_with_its_wall_time(tmp_path
 
 
 def test_what_a_run_recorded_before_its_process_was_killed_is_in_the_store(tmp_path):
-    """cnnbench writes its SQLite store ahead (WAL, synchronous=NORMAL: tracking._wal_on_connect). SIGKILL right
+    """cnnbench writes its SQLite store ahead (WAL, synchronous=NORMAL: sqlite_store._wal_on_connect). SIGKILL right
     after a run ends leaves that run only in the write-ahead log, and the next reader finds all of it there."""
     import sqlite3
 
