@@ -87,9 +87,10 @@ def tuning_frame(suite: Suite, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Da
 def per_seed(runs: pd.DataFrame, variant: str, metric: str) -> dict[int, float]:
     """seed → value of ``metric`` for the variant's finished runs."""
     col = f"metrics.{metric}"
-    fin = runs[(runs["variant"] == variant) & (runs["status"] == "finished")]
-    if col not in fin:
+    if col not in runs:
         return {}
+    # two columns, not the run's every param and tag: a report calls this ~100 times (was 9 ms a call)
+    fin = runs.loc[(runs["variant"] == variant) & (runs["status"] == "finished"), ["seed", col]]
     values = pd.to_numeric(fin[col], errors="coerce")
     return {int(s): float(v) for s, v in zip(fin["seed"], values) if pd.notna(v)}
 
@@ -115,7 +116,8 @@ def seeds_run(runs: pd.DataFrame) -> int:
 def seeds_by_variant(suite: Suite, runs: pd.DataFrame) -> dict[str, int]:
     """How many seeds each variant has runs for, whatever their status: with ``seeds.drop_decided``, the look
     it reached (a diverged or failed seed still counts as run)."""
-    return {v: seeds_run(runs[runs["variant"] == v]) if not runs.empty else 0 for v in suite.variants}
+    return {v: seeds_run(runs.loc[runs["variant"] == v, ["seed", "status"]]) if not runs.empty else 0
+            for v in suite.variants}
 
 
 def comparisons(suite: Suite, runs: pd.DataFrame, floor: float | None = None, metrics: list[str] | None = None,
