@@ -41,8 +41,11 @@ def _wal_on_connect(dbapi_connection, _record) -> None:
         return
     files = {row[2] for row in dbapi_connection.execute("PRAGMA database_list") if row[1] == "main"}
     if files & _WAL_STORES:
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            if dbapi_connection.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                dbapi_connection.execute("PRAGMA synchronous=NORMAL")  # only with WAL: safe when a process dies
+        except sqlite3.OperationalError:  # a read-only or network file: SQLite keeps its rollback journal
+            pass
 
 
 def write_ahead(uri: str) -> None:
